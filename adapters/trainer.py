@@ -1,0 +1,150 @@
+"""The online update: a few cheap gradient steps on a session's B from QA pairs.
+
+Answer-only next-token cross-entropy, plain SGD (or Adam) over B alone; A0 and θ0 stay frozen.
+A NaN/inf loss, gradient or updated B rejects the whole update and returns B untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from adapters.fast_weights import FastWeightModel, SessionB
+from adapters.supervision import IGNORE_INDEX, Example, Pair, collate, encode_pairs
+
+
+class TrainerConfig(BaseModel):
+    """Update hyper-parameters; the defaults are the paper's for 4B–8B models."""
+
+    model_config = ConfigDict(frozen=True)
+
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(5e-4, gt=0)
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
+    max_seq_len: int = Field(512, ge=8)
+    # Clip the global gradient norm of B; None leaves plain SGD untouched (the paper's setting).
+    max_grad_norm: float | None = None
+
+
+@dataclass
+class UpdateResult:
+    """What one update did. When `applied` is False, `b` is the input B, bit for bit, and `reason` says why."""
+
+    b: SessionB
+    applied: bool
+    reason: str | None = None
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    examples: int = 0
+    answer_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.losses[-1] if self.losses else None
+
+
+class _Rejected(Exception):
+    """Internal: an update step produced a non-finite value."""
+
+
+class OnlineTrainer:
+    """Runs updates of per-session B tensors against one frozen FastWeightModel."""
+
+    def __init__(self, fast_model: FastWeightModel, tokenizer: Any, config: TrainerConfig | None = None) -> None:
+        self.fast = fast_model
+        self.tokenizer = tokenizer
+        self.config = config or TrainerConfig()
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
+
+    def encode(self, pairs: Sequence[Pair]) -> list[Example]:
+        return encode_pairs(self.tokenizer, pairs, self.config.max_seq_len)
+
+    def update(self, b: SessionB, pairs: Sequence[Pair], config: TrainerConfig | None = None) -> UpdateResult:
+        """Train a copy of `b` on `pairs`; the input tensors are never modified."""
+        cfg = config or self.config
+        self.fast.check_b(b)
+        started = time.perf_counter()
+        examples = encode_pairs(self.tokenizer, pairs, cfg.max_seq_len)
+        result = UpdateResult(b=b, applied=False, examples=len(examples),
+                              answer_tokens=sum(ex.answer_tokens for ex in examples))
+        if not examples:
+            result.reason = "no trainable pairs (empty, or every prompt longer than max_seq_len)"
+            return result
+        params = {n: t.detach().to(self.fast.device, torch.float32).clone().requires_grad_(True) for n, t in b.items()}
+        try:
+            self._run(params, examples, cfg, result)
+        except _Rejected as exc:
+            result.reason = str(exc)
+            result.seconds = time.perf_counter() - started
+            return result
+        result.b = {n: p.detach().to("cpu", torch.float32).clone() for n, p in params.items()}
+        result.applied = True
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _run(self, params: dict[str, Tensor], examples: list[Example], cfg: TrainerConfig,
+             result: UpdateResult) -> None:
+        optimizer = _make_optimizer(cfg, list(params.values()))
+        generator = torch.Generator().manual_seed(cfg.seed)
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(len(examples), generator=generator).tolist()
+            for start in range(0, len(order), cfg.batch_size):
+                batch = [examples[i] for i in order[start:start + cfg.batch_size]]
+                optimizer.zero_grad(set_to_none=True)
+                loss = self.batch_loss(params, batch)
+                step = result.steps + 1
+                _require_finite(loss.detach(), f"loss is {loss.item()} at step {step} (epoch {epoch + 1})")
+                loss.backward()
+                for name, p in params.items():
+                    _require_finite(p.grad, f"gradient of {name} is not finite at step {step}")
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+                optimizer.step()
+                for name, p in params.items():
+                    _require_finite(p.detach(), f"B of {name} became non-finite after step {step}")
+                result.losses.append(float(loss.item()))
+                result.steps = step
+
+    def batch_loss(self, params: SessionB, batch: Sequence[Example]) -> Tensor:
+        """Mean cross-entropy over the batch's answer tokens; the LM head runs only where labels are."""
+        ids, mask, labels = collate(batch, self.pad_id)
+        with self.fast.using(params):
+            hidden = self.fast.hidden_states(ids, mask)
+        # Position t predicts token t+1: shift labels left and keep positions with a real label.
+        targets = labels[:, 1:].to(hidden.device)
+        where = targets != IGNORE_INDEX
+        logits = self.fast.head(hidden[:, :-1][where]).float()
+        return F.cross_entropy(logits, targets[where])
+
+
+def _make_optimizer(cfg: TrainerConfig, params: list[Tensor]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    return torch.optim.SGD(params, lr=cfg.lr)
+
+
+def _require_finite(t: Tensor | None, message: str) -> None:
+    if t is None or not bool(torch.isfinite(t).all()):
+        raise _Rejected(message)
+
+
+def answer_loss(fast: FastWeightModel, b: SessionB | None, examples: Sequence[Example], pad_id: int) -> float:
+    """Mean answer-token loss without gradients, e.g. to measure what an update learned."""
+    ids, mask, labels = collate(examples, pad_id)
+    with torch.no_grad(), fast.using(b):
+        logits = fast.logits(ids, mask)[:, :-1].float()
+    targets = labels[:, 1:].to(logits.device)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    return float(loss) if math.isfinite(float(loss)) else math.inf
