@@ -1,0 +1,169 @@
+"""Response and request models of the TMEM API.
+
+They mirror OpenAI's field names and accept fields they do not know, so a newer server does not
+break an older client.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = [
+    "ChatChoice",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatMessage",
+    "ChunkChoice",
+    "ChunkDelta",
+    "DeleteResult",
+    "FlushResult",
+    "HealthStatus",
+    "Model",
+    "ModelList",
+    "QAPair",
+    "SessionInfo",
+    "Usage",
+]
+
+
+class _Lenient(BaseModel):
+    """Base of every model: unknown fields are kept, not rejected."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ChatMessage(_Lenient):
+    """One chat message, e.g. ``ChatMessage(role="user", content="Hi")``."""
+
+    role: str
+    content: str | None = None
+
+
+class Usage(_Lenient):
+    """Token counts of one completion."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatChoice(_Lenient):
+    """One alternative of a non-streamed completion."""
+
+    index: int = 0
+    message: ChatMessage
+    finish_reason: str | None = None
+
+
+class ChatCompletion(_Lenient):
+    """A non-streamed chat completion (OpenAI's ``chat.completion`` object).
+
+    ``adapter_version`` is the session adapter version that produced it (from the
+    ``X-TMEM-Adapter-Version`` header) and ``request_id`` the server's ``x-request-id``.
+    """
+
+    id: str
+    object: str = "chat.completion"
+    created: int = 0
+    model: str = ""
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    adapter_version: int | None = None
+    request_id: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The first choice's message content ("" when there is none)."""
+        if not self.choices:
+            return ""
+        return self.choices[0].message.content or ""
+
+
+class ChunkDelta(_Lenient):
+    """The new part of a message in a streamed chunk."""
+
+    role: str | None = None
+    content: str | None = None
+
+
+class ChunkChoice(_Lenient):
+    """One alternative of a streamed chunk."""
+
+    index: int = 0
+    delta: ChunkDelta = ChunkDelta()
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Lenient):
+    """One streamed piece of a chat completion (OpenAI's ``chat.completion.chunk``)."""
+
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int = 0
+    model: str = ""
+    choices: list[ChunkChoice] = []
+    usage: Usage | None = None
+
+    @property
+    def delta_text(self) -> str:
+        """The text this chunk adds to the first choice ("" for role-only or usage chunks)."""
+        if not self.choices:
+            return ""
+        return self.choices[0].delta.content or ""
+
+
+class Model(_Lenient):
+    """One entry of ``GET /v1/models``."""
+
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = ""
+
+
+class ModelList(_Lenient):
+    """The ``GET /v1/models`` answer."""
+
+    object: str = "list"
+    data: list[Model]
+
+
+class HealthStatus(_Lenient):
+    """The ``GET /health`` answer; other fields the server reports are kept as extras."""
+
+    status: str
+
+
+class SessionInfo(_Lenient):
+    """State of one session: its live adapter version, turn count and summary memory."""
+
+    id: str
+    object: str = "session"
+    adapter_version: int = 0
+    turns: int = 0
+    summary: str = ""
+    pending_updates: int = 0
+    created_at: int = 0
+
+
+class FlushResult(_Lenient):
+    """Answer of a flush: the adapter version that is now live."""
+
+    id: str
+    object: str = "session.flush"
+    adapter_version: int
+
+
+class DeleteResult(_Lenient):
+    """Answer of a session delete."""
+
+    id: str
+    object: str = "session.deleted"
+    deleted: bool
+
+
+class QAPair(_Lenient):
+    """A question-answer pair to teach a session directly."""
+
+    instruction: str
+    output: str
