@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 import torch
@@ -47,3 +48,14 @@ def decode_b(data: bytes, expected_sha256: str) -> dict[str, Tensor]:
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"checkpoint tensor {name} holds NaN or inf")
     return tensors
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of safetensors bytes, read from the header without loading tensors."""
+    try:
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + header_len])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint header is unreadable: {exc}") from exc
+    meta = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()}

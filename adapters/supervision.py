@@ -36,14 +36,17 @@ def _ids(rendered: Any) -> list[int]:
     return [int(i) for i in rendered]
 
 
-def encode_pair(tokenizer: Any, pair: Pair, max_seq_len: int) -> Example | None:
+def encode_pair(tokenizer: Any, pair: Pair, max_seq_len: int, system_prompt: str | None = None) -> Example | None:
     """Render question as the user turn and answer as the assistant turn; label only the answer.
 
     The prompt is the template with a generation prompt; the answer is whatever the full
     conversation adds after it (including the end-of-turn token), so the model learns to stop.
-    Returns None when the prompt alone does not fit.
+    `system_prompt`, when given, is rendered first, as the server renders it when it serves the
+    answer: training and serving then see the same context. Returns None when the prompt alone
+    does not fit.
     """
-    user = [{"role": "user", "content": pair.instruction}]
+    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    user = [*head, {"role": "user", "content": pair.instruction}]
     prompt = _ids(tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True))
     full_msgs = [*user, {"role": "assistant", "content": pair.output}]
     full = _ids(tokenizer.apply_chat_template(full_msgs, tokenize=True))
@@ -64,9 +67,10 @@ def _is_whitespace(tokenizer: Any, token_id: int) -> bool:
     return tokenizer.decode([token_id]).strip() == ""
 
 
-def encode_pairs(tokenizer: Any, pairs: Sequence[Pair], max_seq_len: int) -> list[Example]:
+def encode_pairs(tokenizer: Any, pairs: Sequence[Pair], max_seq_len: int,
+                 system_prompt: str | None = None) -> list[Example]:
     """Encode every pair that fits, dropping the ones whose prompt alone exceeds `max_seq_len`."""
-    encoded = (encode_pair(tokenizer, pair, max_seq_len) for pair in pairs)
+    encoded = (encode_pair(tokenizer, pair, max_seq_len, system_prompt) for pair in pairs)
     return [ex for ex in encoded if ex is not None and ex.answer_tokens > 0]
 
 

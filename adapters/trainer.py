@@ -34,6 +34,8 @@ class TrainerConfig(BaseModel):
     max_seq_len: int = Field(512, ge=8)
     # Clip the global gradient norm of B; None leaves plain SGD untouched (the paper's setting).
     max_grad_norm: float | None = None
+    # Rendered before each question, as the server renders it when serving (None: no system turn).
+    system_prompt: str | None = None
 
 
 @dataclass
@@ -69,14 +71,14 @@ class OnlineTrainer:
         self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
 
     def encode(self, pairs: Sequence[Pair]) -> list[Example]:
-        return encode_pairs(self.tokenizer, pairs, self.config.max_seq_len)
+        return encode_pairs(self.tokenizer, pairs, self.config.max_seq_len, self.config.system_prompt)
 
     def update(self, b: SessionB, pairs: Sequence[Pair], config: TrainerConfig | None = None) -> UpdateResult:
         """Train a copy of `b` on `pairs`; the input tensors are never modified."""
         cfg = config or self.config
         self.fast.check_b(b)
         started = time.perf_counter()
-        examples = encode_pairs(self.tokenizer, pairs, cfg.max_seq_len)
+        examples = encode_pairs(self.tokenizer, pairs, cfg.max_seq_len, cfg.system_prompt)
         result = UpdateResult(b=b, applied=False, examples=len(examples),
                               answer_tokens=sum(ex.answer_tokens for ex in examples))
         if not examples:

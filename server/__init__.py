@@ -1,0 +1,1 @@
+"""TMEM server: the OpenAI-compatible app, sessions, engine and store."""

@@ -1,0 +1,105 @@
+"""The `tmem` command: serve, worker, tiny-model (and the harnesses that register themselves below)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from server.settings import Settings
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per Settings field; unset flags leave the environment (TMEM_*) and defaults in charge."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = field.description or f"(env TMEM_{name.upper()}, default {field.default!r})"
+        annotation = field.annotation
+        if annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        choices = _literal_choices(annotation)
+        parser.add_argument(flag, dest=name, default=None, choices=choices, help=help_text)
+
+
+def _literal_choices(annotation: Any) -> list[str] | None:
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(a) for a in typing.get_args(annotation)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        for arg in typing.get_args(annotation):
+            found = _literal_choices(arg)
+            if found:
+                return found
+    return None
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+    return Settings(**overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = settings_from_args(args)
+    _warn_if_missing_model(settings.model)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10
+    )
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from adapters.tiny_model import build_tiny_model
+
+    path = build_tiny_model(args.dir, layers=args.layers, hidden=args.hidden, seed=args.seed)
+    print(f"tiny model written to {path}")
+    return 0
+
+
+def _warn_if_missing_model(model: str) -> None:
+    looks_local = model.startswith((".", "/")) or Path(model).exists()
+    if looks_local and not (Path(model) / "config.json").exists():
+        print(f"error: no model at {model}; build the demo one with `tmem tiny-model {model}`", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tmem", description="TMEM server: conversations that learn in their weights")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible server (engine, Redis, inline worker)")
+    add_settings_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+    tiny = sub.add_parser("tiny-model", help="write a random-weight Llama model with a local tokenizer")
+    tiny.add_argument("dir")
+    tiny.add_argument("--layers", type=int, default=4)
+    tiny.add_argument("--hidden", type=int, default=256)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_tiny_model)
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Harness modules (load test, evaluation, worker) add their subcommands here.
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    func: Command = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

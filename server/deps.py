@@ -1,0 +1,85 @@
+"""Request-scoped dependencies: the services, the caller's tenant, the validated session id."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Header, Path, Request
+
+from server.chat import ChatService, TurnContext
+from server.errors import InvalidRequest, ServiceUnavailable
+from server.pool import AdapterPool
+from server.settings import Settings
+from server.store import RedisStore
+
+# Letters, digits and . _ : - ; never a path: ids only ever reach Redis keys and digests.
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_:\-][A-Za-z0-9._:\-]{0,127}$")
+DEFAULT_TENANT = "default"
+
+
+@dataclass
+class Services:
+    settings: Settings
+    chat: ChatService
+    pool: AdapterPool
+    store: RedisStore | None
+
+
+def validate_session_id(value: str | None, param: str = "X-Session-ID") -> str:
+    """Return the id if it is 1–128 chars of [A-Za-z0-9._:-] not starting with '.', else a 400."""
+    if value is None or not SESSION_ID_RE.match(value):
+        raise InvalidRequest(
+            "session id must be 1-128 characters of letters, digits and . _ : - (not starting with '.')",
+            param=param,
+            code="invalid_session_id",
+        )
+    return value
+
+
+def get_services(request: Request) -> Services:
+    services: Services | None = getattr(request.app.state, "services", None)
+    if services is None:
+        raise ServiceUnavailable("the server is still starting", retry_after=5)
+    return services
+
+
+def get_tenant(request: Request) -> str:
+    return getattr(request.state, "tenant", DEFAULT_TENANT)
+
+
+def get_store(services: Annotated[Services, Depends(get_services)]) -> RedisStore:
+    if services.store is None:
+        raise ServiceUnavailable("session storage is not configured", retry_after=5)
+    return services.store
+
+
+def path_session_id(session_id: Annotated[str, Path()]) -> str:
+    return validate_session_id(session_id, param="session_id")
+
+
+def header_session_id(x_session_id: Annotated[str | None, Header()] = None) -> str | None:
+    return None if x_session_id is None else validate_session_id(x_session_id)
+
+
+def turn_context(
+    request: Request,
+    tenant: Annotated[str, Depends(get_tenant)],
+    session_id: Annotated[str | None, Depends(header_session_id)],
+    x_tmem_record: Annotated[str | None, Header()] = None,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> TurnContext:
+    record = (x_tmem_record or "true").strip().lower() not in ("false", "0", "no")
+    request_id = getattr(request.state, "request_id", None)
+    ctx = TurnContext(tenant=tenant, session_id=session_id, record=record, idempotency_key=idempotency_key)
+    if request_id:
+        ctx.request_id = f"{request_id}-{ctx.request_id[:8]}"
+    return ctx
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+StoreDep = Annotated[RedisStore, Depends(get_store)]
+TenantDep = Annotated[str, Depends(get_tenant)]
+SessionIdDep = Annotated[str, Depends(path_session_id)]
+TurnDep = Annotated[TurnContext, Depends(turn_context)]

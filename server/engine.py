@@ -1,0 +1,67 @@
+"""The one vLLM engine of this replica: AsyncLLM with LoRA enabled, and the tokenizer it serves with."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from server.settings import Settings
+
+if TYPE_CHECKING:
+    from vllm import RequestOutput, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """A thin owner of `AsyncLLM`: start, generate from token ids, add/remove adapters, stop."""
+
+    def __init__(self, llm: Any, tokenizer: Any, max_model_len: int) -> None:
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+
+    @classmethod
+    def start(cls, settings: Settings) -> Engine:
+        """Build the engine (tens of seconds on CPU). vLLM is imported here so `server` imports stay light."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=settings.model,
+            served_model_name=[settings.model_name],
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            enable_lora=True,
+            max_loras=settings.max_loras,
+            max_cpu_loras=max(settings.max_cpu_loras, settings.max_loras),
+            max_lora_rank=settings.max_lora_rank,
+            enforce_eager=settings.enforce_eager,
+            disable_log_stats=True,
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        tokenizer = llm.get_tokenizer()
+        log.info("engine ready: model=%s max_model_len=%d", settings.model, settings.max_model_len)
+        return cls(llm, tokenizer, settings.max_model_len)
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, lora: LoRARequest | None
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream cumulative outputs for one request; the caller aborts by closing the iterator."""
+        async for output in self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id, lora_request=lora):
+            yield output
+
+    async def abort(self, request_id: str) -> None:
+        await self.llm.abort(request_id)
+
+    async def add_lora(self, lora: LoRARequest) -> None:
+        await self.llm.add_lora(lora)
+
+    async def remove_lora(self, lora_id: int) -> None:
+        await self.llm.remove_lora(lora_id)
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

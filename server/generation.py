@@ -1,0 +1,53 @@
+"""Text generation for the worker's extraction and summary prompts, with the session's own adapter."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Protocol
+
+from server.engine import Engine
+from server.pool import AdapterPool
+from server.prompting import render_ids
+
+
+class SessionGenerator(Protocol):
+    async def generate(
+        self,
+        tenant: str,
+        sid: str,
+        version: int,
+        messages: list[dict[str, str]],
+        max_tokens: int,
+        json_schema: dict[str, Any] | None = None,
+    ) -> str: ...
+
+
+class EngineGenerator:
+    """Greedy generation through this replica's engine (the inline worker inside `tmem serve`)."""
+
+    def __init__(self, engine: Engine, pool: AdapterPool, structured: bool) -> None:
+        self.engine, self.pool, self.structured = engine, pool, structured
+
+    async def generate(
+        self,
+        tenant: str,
+        sid: str,
+        version: int,
+        messages: list[dict[str, str]],
+        max_tokens: int,
+        json_schema: dict[str, Any] | None = None,
+    ) -> str:
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        ids = render_ids(self.engine.tokenizer, messages)
+        room = self.engine.max_model_len - len(ids)
+        if room < 1:
+            return ""  # the extraction prompt alone overflows the window: nothing to extract this time
+        structured = StructuredOutputsParams(json=json_schema) if (json_schema and self.structured) else None
+        params = SamplingParams(temperature=0.0, max_tokens=min(max_tokens, room), structured_outputs=structured)
+        text = ""
+        async with self.pool.use(tenant, sid, version) as (_, lora):
+            async for output in self.engine.generate(ids, params, f"tmem-worker-{uuid.uuid4().hex}", lora):
+                text = output.outputs[0].text
+        return text

@@ -1,0 +1,180 @@
+"""The replica's adapter pool: session versions as fresh vLLM LoRARequests, built from Redis checkpoints.
+
+Decisions (ARCHITECTURE.md): never reuse an adapter name or id; write each version as a PEFT
+directory on tmpfs; load the new version first, then evict the old one once no request uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import logging
+import shutil
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safetensors.torch import load as load_tensors
+
+from adapters.checkpoint import CheckpointError, decode_b, read_metadata
+from adapters.peft_io import write_peft_dir
+from adapters.spec import FastWeightSpec
+from server.metrics import METRICS
+from server.store import RedisStore
+
+if TYPE_CHECKING:
+    from vllm.lora.request import LoRARequest
+
+log = logging.getLogger(__name__)
+SessionKey = tuple[str, str]
+VersionTensors = tuple[FastWeightSpec, list[int], dict[str, Any], dict[str, Any]]
+
+
+@dataclass
+class Resident:
+    """One adapter version loaded in the engine, with the number of requests using it."""
+
+    key: SessionKey
+    version: int
+    lora: LoRARequest
+    path: Path
+    refs: int = 0
+
+
+class AdapterPool:
+    """Maps (tenant, session, version) to a loaded LoRARequest; evicts superseded versions when idle."""
+
+    def __init__(self, engine: Any, store: RedisStore, adapter_dir: Path, base_model: str) -> None:
+        self.engine = engine
+        self.store = store
+        self.adapter_dir = Path(adapter_dir)
+        self.base_model = base_model
+        self._ids = itertools.count(1)  # vLLM ids are never reused within a process
+        self._resident: dict[tuple[str, str, int], Resident] = {}
+        self._latest: dict[SessionKey, int] = {}
+        self._locks: dict[SessionKey, asyncio.Lock] = {}
+        self._a0: dict[str, dict[str, Any]] = {}
+
+    @asynccontextmanager
+    async def use(self, tenant: str, sid: str, version: int) -> AsyncIterator[tuple[int, LoRARequest | None]]:
+        """Hold the session's adapter at `version` (or the newest earlier one that verifies) for one request.
+
+        Yields (served_version, lora); version 0 is the bare base model (lora None).
+        """
+        resident = await self._resident_for(tenant, sid, version)
+        if resident is None:
+            yield 0, None
+            return
+        resident.refs += 1
+        try:
+            yield resident.version, resident.lora
+        finally:
+            resident.refs -= 1
+            await self._evict_idle(resident.key)
+
+    async def _resident_for(self, tenant: str, sid: str, version: int) -> Resident | None:
+        key = (tenant, sid)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            for candidate in range(version, 0, -1):
+                found = self._resident.get((tenant, sid, candidate))
+                if found is None:
+                    found = await self._load(tenant, sid, candidate)
+                if found is not None:
+                    self._latest[key] = max(self._latest.get(key, 0), found.version)
+                    break
+            else:
+                found = None
+        await self._evict_idle(key)
+        return found
+
+    async def _load(self, tenant: str, sid: str, version: int) -> Resident | None:
+        """Rebuild the PEFT directory from Redis and load it into the engine; None if it must be refused."""
+        try:
+            version_data = await self.version_tensors(tenant, sid, version)
+        except (CheckpointError, KeyError, ValueError) as exc:
+            # A corrupt version is never served: fall back to the previous one and count the fault.
+            METRICS.checkpoint_faults.inc()
+            log.error("refusing checkpoint %s/%s@v%d: %s", tenant, sid, version, exc)
+            return None
+        if version_data is None:
+            return None
+        spec, layers, a0, b = version_data
+        started = time.perf_counter()
+        path = self.adapter_dir / _dir_name(tenant, sid, version)
+        await asyncio.to_thread(write_peft_dir, path, spec, layers, a0, b, self.base_model)
+        from vllm.lora.request import LoRARequest
+
+        lora = LoRARequest(lora_name=f"{tenant}/{sid}@v{version}", lora_int_id=next(self._ids), lora_path=str(path))
+        await self.engine.add_lora(lora)  # load the new version before anything is evicted
+        METRICS.hot_swap_seconds.observe(time.perf_counter() - started)
+        resident = Resident((tenant, sid), version, lora, path)
+        self._resident[(tenant, sid, version)] = resident
+        METRICS.adapters_resident.set(len(self._resident))
+        return resident
+
+    async def version_tensors(self, tenant: str, sid: str, version: int) -> VersionTensors | None:
+        """(spec, layers, A0, B) of a stored version, verified; None when the version does not exist."""
+        stored = await self.store.get_checkpoint(tenant, sid, version)
+        if stored is None:
+            return None
+        b = decode_b(stored.data, stored.sha256)
+        meta = read_metadata(stored.data)
+        a0 = await self._a0_for(meta["a0"])
+        spec = FastWeightSpec.model_validate_json(meta["spec"])
+        return spec, json.loads(meta["layers"]), a0, b
+
+    async def write_version(self, tenant: str, sid: str, version: int, path: Path) -> bool:
+        """Write a stored version as a PEFT directory at `path` (e.g. for download); False if absent."""
+        data = await self.version_tensors(tenant, sid, version)
+        if data is None:
+            return False
+        spec, layers, a0, b = data
+        await asyncio.to_thread(write_peft_dir, path, spec, layers, a0, b, self.base_model)
+        return True
+
+    async def _a0_for(self, identity: str) -> dict[str, Any]:
+        if identity not in self._a0:
+            blob = await self.store.get_a0(identity)
+            if blob is None:
+                raise KeyError(f"A0 {identity} is not in Redis")
+            self._a0[identity] = load_tensors(blob)
+        return self._a0[identity]
+
+    async def _evict_idle(self, key: SessionKey) -> None:
+        latest = self._latest.get(key, 0)
+        stale = [r for r in self._resident.values() if r.key == key and r.version < latest and r.refs == 0]
+        for resident in stale:
+            await self._unload(resident)
+
+    async def _unload(self, resident: Resident) -> None:
+        self._resident.pop((*resident.key, resident.version), None)
+        try:
+            await self.engine.remove_lora(resident.lora.lora_int_id)
+        finally:
+            shutil.rmtree(resident.path, ignore_errors=True)
+            METRICS.adapters_resident.set(len(self._resident))
+
+    async def forget(self, tenant: str, sid: str) -> None:
+        """Drop every version of a deleted session from the engine and the disk."""
+        key = (tenant, sid)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            for resident in [r for r in self._resident.values() if r.key == key]:
+                await self._unload(resident)
+            self._latest.pop(key, None)
+        self._locks.pop(key, None)
+        for leftover in self.adapter_dir.glob(_dir_name(tenant, sid, 0).rsplit("-v", 1)[0] + "-v*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def resident_versions(self, tenant: str, sid: str) -> list[int]:
+        return sorted(r.version for r in self._resident.values() if r.key == (tenant, sid))
+
+
+def _dir_name(tenant: str, sid: str, version: int) -> str:
+    # A digest, not the id: nothing a client sends becomes part of a file path.
+    digest = hashlib.sha256(f"{tenant}\0{sid}".encode()).hexdigest()[:24]
+    return f"{digest}-v{version}"

@@ -1,0 +1,430 @@
+"""Pydantic models of the HTTP API: OpenAI's chat completion protocol and TMEM's session API.
+
+Request models mirror OpenAI's field names, reject what they do not support with a 400 that names
+the field (``extra="forbid"`` plus explicit validators), and own the translation to engine
+parameters (:meth:`ChatCompletionRequest.to_sampling_params`), as vLLM's entrypoints do.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+from vllm.sampling_params import SamplingParams, StructuredOutputsParams
+
+from server.errors import UNSUPPORTED_PARAMETER, UNSUPPORTED_VALUE, ContextLengthExceeded, InvalidRequest
+
+SSE_DONE = "data: [DONE]\n\n"
+# Messages of unsupported-field errors; errors.py takes ``param`` from their ``field``.
+_NOT_SUPPORTED = "'{field}' is not supported by this server."
+_ONLY_VALUE = "Only {field}={value} is supported by this server."
+
+
+class _RequestModel(BaseModel):
+    """Base of request bodies: unknown fields are a 400, and ``null`` means "not given"."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Fields OpenAI knows but this server cannot honour → the one value that asks for nothing
+    # (None: only empty values). Anything else is a 400 naming the field, never silently ignored.
+    _unsupported: ClassVar[dict[str, Any]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls_and_unsupported(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for field, neutral in cls._unsupported.items():
+            value = data.get(field)
+            if value in (None, [], {}, "") or (neutral is not None and value == neutral):
+                continue
+            if neutral is None:
+                raise PydanticCustomError(UNSUPPORTED_PARAMETER, _NOT_SUPPORTED, {"field": field})
+            raise PydanticCustomError(UNSUPPORTED_VALUE, _ONLY_VALUE, {"field": field, "value": json.dumps(neutral)})
+        # OpenAI clients send ``"x": null`` for unset options: treat it as absent so defaults apply.
+        known = cls.model_fields
+        return {k: v for k, v in data.items() if k not in cls._unsupported and (v is not None or k not in known)}
+
+
+# --- chat requests ---------------------------------------------------------------------------
+
+
+class ChatMessage(_RequestModel):
+    """One message of a conversation; ``developer`` is read as ``system`` and text parts are joined."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+    # Empty in assistant messages echoed back from a previous response.
+    _unsupported: ClassVar[dict[str, Any]] = dict.fromkeys(
+        ("tool_calls", "function_call", "refusal", "audio", "annotations")
+    )
+
+    @property
+    def text(self) -> str:
+        """The message text (text parts already joined)."""
+        return self.content
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _developer_is_system(cls, role: Any) -> Any:
+        if role in ("tool", "function"):
+            raise PydanticCustomError(
+                UNSUPPORTED_VALUE, "'{role}' messages are not supported by this server.", {"role": role}
+            )
+        return "system" if role == "developer" else role
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _join_text_parts(cls, content: Any) -> Any:
+        if not isinstance(content, list):
+            return content
+        texts: list[str] = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise PydanticCustomError(
+                    UNSUPPORTED_VALUE,
+                    "Only text content parts are supported; got a part of type '{kind}'.",
+                    {"kind": kind},
+                )
+            if not isinstance(part.get("text"), str):
+                raise PydanticCustomError("string_type", "A text content part needs a string 'text'.")
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+
+class StreamOptions(_RequestModel):
+    """Options of a streamed response."""
+
+    include_usage: bool = False
+
+
+class JsonSchemaSpec(_RequestModel):
+    """The ``json_schema`` member of ``response_format``; OpenAI calls the schema ``schema``."""
+
+    name: str = "response"
+    description: str | None = None
+    # ``schema`` would shadow BaseModel.schema, hence the alias.
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_RequestModel):
+    """Constrain the reply to free text, any JSON object, or one JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("'json_schema' is required when type is 'json_schema'")
+        return self
+
+
+class ChatCompletionRequest(_RequestModel):
+    """Body of ``POST /v1/chat/completions``."""
+
+    model: str | None = None  # None: the server's default model
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: list[str] | None = Field(None, max_length=4)
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    response_format: ResponseFormat | None = None
+    user: str | None = None  # accepted for compatibility, not used
+
+    _unsupported: ClassVar[dict[str, Any]] = {
+        "n": 1,
+        "logprobs": False,
+        "top_logprobs": 0,
+        **dict.fromkeys(("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias")),
+        **dict.fromkeys(("audio", "modalities", "prediction", "reasoning_effort", "web_search_options")),
+    }
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, stop: Any) -> Any:
+        return [stop] if isinstance(stop, str) else stop
+
+    @model_validator(mode="after")
+    def _completion_tokens_win(self) -> ChatCompletionRequest:
+        # ``max_tokens`` is OpenAI's deprecated spelling; when both are sent the new one counts.
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+    @property
+    def stream_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk (``stream_options.include_usage``)."""
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def to_sampling_params(self, default_max_tokens: int, max_model_len: int, prompt_tokens: int) -> SamplingParams:
+        """The vLLM sampling parameters of this request for a prompt of ``prompt_tokens`` tokens.
+
+        Without ``max_tokens`` the completion gets ``default_max_tokens``, clamped to the room left
+        in the context window; an explicit ``max_tokens`` that does not fit is a 400, as at OpenAI.
+        """
+        room = max_model_len - prompt_tokens
+        if room < 1:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {max_model_len} tokens. However, your messages "
+                f"resulted in {prompt_tokens} tokens. Please reduce the length of the messages.",
+                param="messages",
+            )
+        if self.max_tokens is not None and self.max_tokens > room:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                f"{prompt_tokens + self.max_tokens} tokens ({prompt_tokens} in the messages, {self.max_tokens} "
+                "in the completion). Please reduce the length of the messages or completion.",
+                param="messages",
+            )
+        max_tokens = self.max_tokens if self.max_tokens is not None else min(default_max_tokens, room)
+        try:
+            return SamplingParams(
+                temperature=self.temperature,  # vLLM samples greedily at 0
+                top_p=self.top_p,
+                max_tokens=max_tokens,
+                stop=list(self.stop or []),
+                seed=self.seed,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                structured_outputs=self._structured_outputs(),
+                # output_kind stays CUMULATIVE: the chat service diffs the text itself and times the
+                # first token on the first output, which FINAL_ONLY would not send.
+            )
+        except ValueError as exc:  # vLLM's own checks, e.g. a malformed schema
+            raise InvalidRequest(str(exc)) from exc
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        assert fmt.json_schema is not None  # guaranteed by ResponseFormat's validator
+        return StructuredOutputsParams(json=fmt.json_schema.json_schema)
+
+
+# --- chat responses --------------------------------------------------------------------------
+
+
+FinishReason = Literal["stop", "length"]
+
+
+def _completion_id(request_id: str | None = None) -> str:
+    return f"chatcmpl-{request_id or uuid.uuid4().hex}"
+
+
+def _finish(engine_reason: str | None) -> FinishReason | None:
+    """OpenAI's finish reason for vLLM's (``"stop"``, ``"length"``, ``"abort"`` or ``None`` while running)."""
+    if engine_reason is None:
+        return None
+    return "length" if engine_reason == "length" else "stop"
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    """Token counts of one completion."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt: int, completion: int) -> Usage:
+        """Usage with the total filled in."""
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+class ResponseMessage(BaseModel):
+    """The assistant's message in a non-streamed reply."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(BaseModel):
+    """One alternative of a non-streamed reply (this server makes exactly one)."""
+
+    index: int = 0
+    message: ResponseMessage
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionResponse(BaseModel):
+    """OpenAI's ``chat.completion`` object."""
+
+    id: str = Field(default_factory=_completion_id)
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+    @classmethod
+    def build(
+        cls,
+        request_id: str,
+        model: str,
+        text: str,
+        finish_reason: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> ChatCompletionResponse:
+        """The reply to one request; ``finish_reason`` may be vLLM's."""
+        return cls(
+            id=_completion_id(request_id),
+            model=model,
+            choices=[ChatCompletionChoice(message=ResponseMessage(content=text), finish_reason=_finish(finish_reason))],
+            usage=Usage.of(prompt_tokens, completion_tokens),
+        )
+
+
+class ChunkDelta(BaseModel):
+    """What a streamed chunk adds: the role once, then pieces of content."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    """One alternative of a streamed chunk."""
+
+    index: int = 0
+    delta: ChunkDelta = Field(default_factory=ChunkDelta)
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """OpenAI's ``chat.completion.chunk`` object; the usage chunk has no choices."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChunkChoice] = Field(default_factory=list)
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+    @classmethod
+    def build(
+        cls,
+        request_id: str,
+        model: str,
+        *,
+        role: Literal["assistant"] | None = None,
+        content: str | None = None,
+        finish_reason: str | None = None,
+    ) -> ChatCompletionChunk:
+        """One chunk of the stream of ``request_id``; ``finish_reason`` may be vLLM's."""
+        delta = ChunkDelta(role=role, content=content)
+        choice = ChunkChoice(delta=delta, finish_reason=_finish(finish_reason))
+        return cls(id=_completion_id(request_id), model=model, choices=[choice])
+
+    @classmethod
+    def usage_only(cls, request_id: str, model: str, prompt_tokens: int, completion_tokens: int) -> ChatCompletionChunk:
+        """The last chunk of a stream with ``include_usage``: no choices, only usage, as at OpenAI."""
+        return cls(id=_completion_id(request_id), model=model, usage=Usage.of(prompt_tokens, completion_tokens))
+
+
+class ModelCard(BaseModel):
+    """One entry of ``GET /v1/models``."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "tmem"
+
+
+class ModelList(BaseModel):
+    """The answer of ``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --- TMEM session API ------------------------------------------------------------------------
+
+
+class SessionMessagesRequest(_RequestModel):
+    """Messages to add to a session's history (and learn from) without generating a reply."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class QAPairIn(_RequestModel):
+    """A question-answer pair to teach a session directly."""
+
+    instruction: str
+    output: str
+
+    @field_validator("instruction", "output")
+    @classmethod
+    def _not_blank(cls, text: str) -> str:
+        if not text.strip():
+            raise ValueError("must not be empty")
+        return text
+
+
+class TeachRequest(_RequestModel):
+    """Pairs to train into a session's adapter."""
+
+    pairs: list[QAPairIn] = Field(min_length=1)
+
+
+class FlushRequest(_RequestModel):
+    """Wait until a session's pending updates are live; ``timeout`` in seconds, server default if unset."""
+
+    timeout: float | None = Field(None, gt=0, le=600)
+
+
+class SessionInfo(BaseModel):
+    """State of one session."""
+
+    id: str
+    object: Literal["session"] = "session"
+    adapter_version: int
+    turns: int
+    summary: str
+    pending_updates: int
+    created_at: int
+
+
+class FlushResponse(BaseModel):
+    """Answer of a flush: the adapter version now live."""
+
+    id: str
+    object: Literal["session.flush"] = "session.flush"
+    adapter_version: int
+
+
+class DeleteResponse(BaseModel):
+    """Answer of a session delete."""
+
+    id: str
+    object: Literal["session.deleted"] = "session.deleted"
+    deleted: bool = True
+
+
+def sse_event(payload: BaseModel | dict[str, Any]) -> str:
+    """One server-sent event: ``data: {json}`` and a blank line."""
+    if isinstance(payload, BaseModel):
+        text = payload.model_dump_json()
+    else:
+        text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n"

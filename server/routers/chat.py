@@ -1,0 +1,42 @@
+"""POST /v1/chat/completions — OpenAI-compatible, with an optional session (X-Session-ID)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.deps import ServicesDep, TurnDep
+from server.errors import ServiceUnavailable, error_chunk
+from server.protocol import SSE_DONE, ChatCompletionChunk, ChatCompletionRequest, sse_event
+
+router = APIRouter()
+VERSION_HEADER = "X-TMEM-Adapter-Version"
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, services: ServicesDep, ctx: TurnDep
+) -> JSONResponse | StreamingResponse:
+    if ctx.session_id is not None and services.store is None:
+        raise ServiceUnavailable("session storage is not configured", retry_after=5)
+    if body.stream:
+        chunks, version = await services.chat.stream(body, ctx)
+        return StreamingResponse(
+            _sse(chunks),
+            media_type="text/event-stream",
+            headers={VERSION_HEADER: str(version), "Cache-Control": "no-cache"},
+        )
+    response, version = await services.chat.complete(body, ctx)
+    return JSONResponse(response.model_dump(exclude_none=True), headers={VERSION_HEADER: str(version)})
+
+
+async def _sse(chunks: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[str]:
+    """SSE framing; an error after the first byte becomes an error event followed by [DONE]."""
+    try:
+        async for chunk in chunks:
+            yield sse_event(chunk)
+    except Exception as exc:
+        yield error_chunk(exc)
+    yield SSE_DONE

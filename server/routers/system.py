@@ -1,0 +1,37 @@
+"""GET /v1/models, /health, /metrics."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Response
+
+from server.deps import ServicesDep
+from server.metrics import METRICS
+from server.protocol import ModelCard, ModelList
+from server.store import StoreUnavailable
+
+router = APIRouter()
+_STARTED = int(time.time())
+
+
+@router.get("/v1/models")
+async def list_models(services: ServicesDep) -> ModelList:
+    return ModelList(data=[ModelCard(id=services.settings.model_name, created=_STARTED, owned_by="tmem")])
+
+
+@router.get("/health")
+async def health(services: ServicesDep) -> dict[str, object]:
+    """ok when the engine and Redis answer; `degraded` (still 200) when only stateless serving works."""
+    redis_ok = False
+    if services.store is not None:
+        try:
+            redis_ok = await services.store.ping()
+        except StoreUnavailable:
+            redis_ok = False
+    return {"status": "ok" if redis_ok else "degraded", "redis": redis_ok, "model": services.settings.model_name}
+
+
+@router.get("/metrics")
+async def metrics() -> Response:
+    return Response(METRICS.render(), media_type="text/plain; version=0.0.4")

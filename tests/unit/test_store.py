@@ -1,0 +1,436 @@
+"""The Redis store against a real redis-server: sessions, turns, updates, jobs, locks, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from server.store import (
+    AppendResult,
+    CommitResult,
+    RedisStore,
+    StaleSnapshot,
+    StoreUnavailable,
+    UpdateSnapshot,
+    VersionEvent,
+)
+
+# tests/ is not a package: its shared helpers are imported from the folder itself.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from redis_fixture import RedisServer
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+T = "default"
+HELLO = [{"role": "user", "content": "I moved to Lisbon."}, {"role": "assistant", "content": "Nice!"}]
+PAIR = {"instruction": "Where does Ann live?", "output": "Lisbon"}
+
+
+@pytest.fixture(scope="module")
+def redis_srv() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def store(redis_srv: RedisServer) -> AsyncIterator[RedisStore]:
+    s = RedisStore.from_url(redis_srv.url, prefix=f"t{uuid.uuid4().hex[:10]}", socket_timeout=2.0)
+    await s.ensure_group()
+    yield s
+    await s.aclose()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def session_keys(store: RedisStore, sid: str) -> list[bytes]:
+    return [k async for k in store.client.scan_iter(match=store.session_pattern(T, sid), count=1000)]
+
+
+async def commit(
+    store: RedisStore, sid: str, snap: UpdateSnapshot, data: bytes | None = b"B", summary: str | None = "S"
+) -> CommitResult:
+    return await store.commit_update(
+        T,
+        sid,
+        snap,
+        checkpoint=data,
+        sha256=sha(data) if data else None,
+        summary=summary,
+        job_id=f"job-{snap.generation}",
+    )
+
+
+# -- sessions and turns ------------------------------------------------------------------------------
+async def test_ensure_creates_once_and_get_reads_it(store: RedisStore) -> None:
+    assert await store.get_session(T, "alice") is None
+    states = await asyncio.gather(*(store.ensure_session(T, "alice") for _ in range(10)))
+    assert len({s.created_at for s in states}) == 1  # concurrent creators agree on one session
+    state = await store.get_session(T, "alice")
+    assert state is not None and state.created_at == states[0].created_at > 0
+    assert (state.session_id, state.tenant, state.adapter_version, state.adapter_sha256) == ("alice", T, 0, None)
+    assert (state.turns, state.absorbed_turns, state.teach_pending, state.pending_updates) == (0, 0, 0, 0)
+    assert state.summary == "" and not state.job_pending and state.last_error is None
+    # the hash tag keeps the session on one cluster slot
+    assert await store.client.exists(f"{store.prefix}:{{{T}:alice}}:meta") == 1
+
+
+async def test_append_turns_counts_and_reads_back_in_order(store: RedisStore) -> None:
+    first = await store.append_turns(T, "s", HELLO)
+    second = await store.append_turns(T, "s", [{"role": "user", "content": "Olá — ünïcode"}])
+    assert (first, second) == (AppendResult(2, 2, False), AppendResult(3, 1, False))
+    assert await store.get_turns(T, "s") == [*HELLO, {"role": "user", "content": "Olá — ünïcode"}]
+    assert await store.get_turns(T, "s", 1, 1) == [HELLO[1]]
+    state = await store.get_session(T, "s")
+    assert state is not None and state.turns == 3 and state.pending_updates == 3 and state.created_at > 0
+
+
+async def test_append_with_same_idempotency_key_stores_once(store: RedisStore) -> None:
+    first = await store.append_turns(T, "s", HELLO, idempotency_key="req-1")
+    again = await store.append_turns(T, "s", [{"role": "user", "content": "other"}], idempotency_key="req-1")
+    assert first == AppendResult(2, 2, False)
+    assert again == AppendResult(2, 2, True)  # the stored result of the first call
+    assert await store.get_turns(T, "s") == HELLO
+    racing = await asyncio.gather(*(store.append_turns(T, "s", HELLO, idempotency_key="req-2") for _ in range(8)))
+    assert sum(not r.duplicate for r in racing) == 1
+    assert {r.turns_total for r in racing} == {4}
+    assert len(await store.get_turns(T, "s")) == 4
+    assert await store.client.ttl(f"{store.prefix}:{{{T}:s}}:idem:req-1") > 0
+
+
+async def test_malformed_messages_and_pairs_are_refused_before_writing(store: RedisStore) -> None:
+    with pytest.raises(ValueError):
+        await store.append_turns(T, "s", [HELLO[0], {"role": "user"}])
+    with pytest.raises(ValueError):
+        await store.add_teach_pairs(T, "s", [{"instruction": "q"}])
+    assert await store.get_session(T, "s") is None
+
+
+async def test_teach_pairs_are_counted_as_pending(store: RedisStore) -> None:
+    assert await store.add_teach_pairs(T, "s", [PAIR, PAIR]) == 2
+    assert await store.add_teach_pairs(T, "s", [PAIR]) == 3
+    state = await store.get_session(T, "s")
+    assert state is not None and state.teach_pending == 3 and state.pending_updates == 3
+
+
+# -- snapshot / commit -------------------------------------------------------------------------------
+async def test_commit_with_checkpoint_bumps_version_by_exactly_one(store: RedisStore) -> None:
+    await store.append_turns(T, "s", HELLO)
+    await store.add_teach_pairs(T, "s", [PAIR])
+    snap = await store.claim_snapshot(T, "s")
+    assert (snap.version, snap.absorbed_turns, snap.turns_total, snap.teach_count) == (0, 0, 2, 1)
+    assert snap.new_turns == HELLO and snap.teach_pairs == [PAIR] and snap.summary == ""
+
+    blob = bytes(range(256)) * 4  # not UTF-8: must come back byte for byte
+    assert await commit(store, "s", snap, blob, "Ann lives in Lisbon.") == CommitResult(1, True)
+    ckpt = await store.get_checkpoint(T, "s", 1)
+    assert ckpt is not None and ckpt.data == blob and ckpt.sha256 == sha(blob) and ckpt.created_at > 0
+    state = await store.get_session(T, "s")
+    assert state is not None
+    assert (state.adapter_version, state.adapter_sha256, state.absorbed_turns, state.teach_pending) == (
+        1,
+        sha(blob),
+        2,
+        0,
+    )
+    assert state.summary == "Ann lives in Lisbon." and state.pending_updates == 0 and state.last_job == "job-0"
+
+    await store.append_turns(T, "s", [{"role": "user", "content": "And Bob?"}])
+    snap2 = await store.claim_snapshot(T, "s")
+    assert (snap2.version, snap2.absorbed_turns, snap2.turns_total, snap2.summary) == (1, 2, 3, "Ann lives in Lisbon.")
+    assert snap2.new_turns == [{"role": "user", "content": "And Bob?"}]
+    assert await commit(store, "s", snap2, b"v2") == CommitResult(2, True)
+    assert await store.list_versions(T, "s") == [1, 2]
+    assert await store.get_checkpoint(T, "s", 3) is None
+
+
+async def test_commit_keeps_what_arrived_after_the_snapshot(store: RedisStore) -> None:
+    await store.append_turns(T, "s", HELLO)
+    await store.add_teach_pairs(T, "s", [PAIR, PAIR])
+    snap = await store.claim_snapshot(T, "s")
+    late_pair = {"instruction": "Who is Bob?", "output": "Ann's brother"}
+    await store.add_teach_pairs(T, "s", [late_pair])
+    await store.append_turns(T, "s", [{"role": "user", "content": "late"}])
+    await commit(store, "s", snap)
+    state = await store.get_session(T, "s")
+    assert state is not None and (state.absorbed_turns, state.turns, state.teach_pending) == (2, 3, 1)
+    nxt = await store.claim_snapshot(T, "s")
+    assert nxt.teach_pairs == [late_pair] and nxt.new_turns == [{"role": "user", "content": "late"}]
+
+
+async def test_commit_without_checkpoint_absorbs_but_keeps_version(store: RedisStore) -> None:
+    await store.append_turns(T, "s", HELLO)
+    snap = await store.claim_snapshot(T, "s")
+    assert await commit(store, "s", snap, data=None, summary="just a summary") == CommitResult(0, False)
+    state = await store.get_session(T, "s")
+    assert state is not None and (state.adapter_version, state.absorbed_turns, state.summary) == (
+        0,
+        2,
+        "just a summary",
+    )
+    assert await store.list_versions(T, "s") == []
+    # summary=None leaves the summary alone
+    await store.append_turns(T, "s", HELLO)
+    await commit(store, "s", await store.claim_snapshot(T, "s"), data=None, summary=None)
+    state = await store.get_session(T, "s")
+    assert state is not None and state.summary == "just a summary" and state.absorbed_turns == 4
+
+
+async def test_stale_snapshot_is_refused_and_writes_nothing(store: RedisStore) -> None:
+    await store.append_turns(T, "s", HELLO)
+    await store.add_teach_pairs(T, "s", [PAIR])
+    winner, loser = await store.claim_snapshot(T, "s"), await store.claim_snapshot(T, "s")
+    await commit(store, "s", winner, b"w", "winner")
+    await store.add_teach_pairs(T, "s", [PAIR])
+    with pytest.raises(StaleSnapshot):
+        await commit(store, "s", loser, b"l", "loser")
+    state = await store.get_session(T, "s")
+    assert state is not None and (state.adapter_version, state.summary, state.teach_pending) == (1, "winner", 1)
+    assert await store.list_versions(T, "s") == [1] and await store.get_checkpoint(T, "s", 2) is None
+    ckpt = await store.get_checkpoint(T, "s", 1)
+    assert ckpt is not None and ckpt.data == b"w"
+
+
+async def test_two_commits_without_checkpoint_from_one_snapshot_conflict(store: RedisStore) -> None:
+    await store.add_teach_pairs(T, "s", [PAIR, PAIR])
+    snap = await store.claim_snapshot(T, "s")
+    await commit(store, "s", snap, data=None)
+    await store.add_teach_pairs(T, "s", [PAIR])
+    with pytest.raises(StaleSnapshot):  # the version did not move, but trimming twice would lose a pair
+        await commit(store, "s", snap, data=None)
+    state = await store.get_session(T, "s")
+    assert state is not None and state.teach_pending == 1
+
+
+async def test_deleted_session_gives_empty_snapshot_and_refuses_commit(store: RedisStore) -> None:
+    await store.append_turns(T, "s", HELLO)
+    snap = await store.claim_snapshot(T, "s")
+    assert await store.delete_session(T, "s")
+    empty = await store.claim_snapshot(T, "s")
+    assert (empty.new_turns, empty.teach_pairs, empty.turns_total) == ([], [], 0)
+    with pytest.raises(StaleSnapshot):
+        await commit(store, "s", snap)
+    assert await session_keys(store, "s") == []  # the refused commit did not resurrect the session
+
+
+async def test_last_error_is_set_only_on_existing_sessions_and_cleared_by_a_commit(store: RedisStore) -> None:
+    await store.set_last_error(T, "ghost", "boom")
+    assert await store.get_session(T, "ghost") is None
+    await store.append_turns(T, "s", HELLO)
+    await store.set_last_error(T, "s", "update rejected: nan")
+    state = await store.get_session(T, "s")
+    assert state is not None and state.last_error == "update rejected: nan"
+    await commit(store, "s", await store.claim_snapshot(T, "s"))
+    state = await store.get_session(T, "s")
+    assert state is not None and state.last_error is None
+
+
+async def test_version_event_is_published_after_commit(store: RedisStore) -> None:
+    await store.append_turns(T, "pub", HELLO)
+    async with store.subscribe_versions() as events:
+        await commit(store, "pub", await store.claim_snapshot(T, "pub"))
+        event = await asyncio.wait_for(anext(events), timeout=5)
+        assert event == VersionEvent(tenant=T, sid="pub", version=1)
+        # the version it names is already readable
+        assert await store.get_checkpoint(T, event.sid, event.version) is not None
+
+
+# -- jobs --------------------------------------------------------------------------------------------
+async def test_enqueue_coalesces_until_the_worker_starts(store: RedisStore) -> None:
+    await store.append_turns(T, "s", HELLO)
+    assert await store.enqueue_update(T, "s", reason="turn") is True
+    assert await store.enqueue_update(T, "s", reason="turn") is False
+    state = await store.get_session(T, "s")
+    assert state is not None and state.job_pending
+    jobs = await store.read_jobs("w1", count=10)
+    assert [(j.job_id, j.tenant, j.sid, j.reason, j.force) for j in jobs] == [(f"{T}:s:2:0", T, "s", "turn", False)]
+    assert jobs[0].enqueued_at > 0
+    await store.clear_pending_flag(T, "s")  # the worker starts the update
+    await store.append_turns(T, "s", HELLO)
+    await store.add_teach_pairs(T, "s", [PAIR])
+    assert await store.enqueue_update(T, "s", reason="teach") is True
+    assert await store.enqueue_update(T, "s", reason="turn") is False
+    assert [j.job_id for j in await store.read_jobs("w1", count=10)] == [f"{T}:s:4:1"]
+
+
+async def test_concurrent_enqueues_queue_exactly_one_job(store: RedisStore) -> None:
+    await store.append_turns(T, "s", HELLO)
+    results = await asyncio.gather(*(store.enqueue_update(T, "s", reason="turn") for _ in range(20)))
+    assert results.count(True) == 1
+    assert await store.client.xlen(store.jobs_stream) == 1
+
+
+async def test_job_ids_are_deterministic_and_teach_counter_never_decreases(store: RedisStore) -> None:
+    await store.add_teach_pairs(T, "s", [PAIR, PAIR])
+    await commit(store, "s", await store.claim_snapshot(T, "s"))  # trims the list to 0 pairs
+    await store.add_teach_pairs(T, "s", [PAIR])
+    await store.enqueue_update(T, "s", reason="teach")
+    (job,) = await store.read_jobs("w", count=5)
+    assert job.job_id == f"{T}:s:0:3"  # 3 pairs ever taught, although 1 is pending
+
+
+async def test_enqueue_for_unknown_session_queues_nothing(store: RedisStore) -> None:
+    assert await store.enqueue_update(T, "nobody", reason="turn") is False
+    assert await store.read_jobs("w", count=5) == []
+    assert await store.get_session(T, "nobody") is None
+
+
+async def test_force_queues_even_when_a_job_is_pending(store: RedisStore) -> None:
+    await store.append_turns(T, "s", HELLO)
+    assert await store.enqueue_update(T, "s", reason="turn")
+    assert await store.enqueue_update(T, "s", reason="manual", force=True)
+    jobs = await store.read_jobs("w", count=5)
+    assert [(j.reason, j.force) for j in jobs] == [("turn", False), ("manual", True)]
+
+
+async def test_read_ack_and_queue_depth(store: RedisStore) -> None:
+    for sid in ("a", "b", "c"):
+        await store.append_turns(T, sid, HELLO)
+        await store.enqueue_update(T, sid, reason="turn")
+    assert await store.queue_depth() == 3
+    jobs = await store.read_jobs("w", count=2, block_ms=100)
+    assert [j.sid for j in jobs] == ["a", "b"]
+    assert await store.queue_depth() == 3  # 2 delivered but unacked + 1 unread
+    await store.ack(jobs[0])
+    assert await store.queue_depth() == 2
+    assert await store.client.xlen(store.jobs_stream) == 2  # acked jobs are deleted
+    (last,) = await store.read_jobs("w", count=5)
+    await store.ack(jobs[1])
+    await store.ack(last)
+    assert await store.queue_depth() == 0
+    assert await store.read_jobs("w", count=5, block_ms=50) == []
+
+
+async def test_reclaim_takes_over_a_job_nobody_acked(store: RedisStore) -> None:
+    await store.append_turns(T, "s", HELLO)
+    await store.enqueue_update(T, "s", reason="turn")
+    (lost,) = await store.read_jobs("crashed", count=1)
+    assert await store.reclaim("rescuer", min_idle_ms=60_000) == []  # not idle long enough yet
+    await asyncio.sleep(0.1)
+    (found,) = await store.reclaim("rescuer", min_idle_ms=50)
+    assert (found.stream_id, found.job_id) == (lost.stream_id, lost.job_id)
+    pending = await store.client.xpending_range(store.jobs_stream, store.group, "-", "+", 10)
+    assert [p["consumer"] for p in pending] == [b"rescuer"]
+    await store.ack(found)
+    assert await store.client.xpending(store.jobs_stream, store.group) == {
+        "pending": 0,
+        "min": None,
+        "max": None,
+        "consumers": [],
+    }
+
+
+async def test_reclaim_skips_entries_deleted_while_pending(store: RedisStore) -> None:
+    for sid in ("a", "b"):
+        await store.append_turns(T, sid, HELLO)
+        await store.enqueue_update(T, sid, reason="turn")
+    gone, kept = await store.read_jobs("crashed", count=2)
+    await store.client.xdel(store.jobs_stream, gone.stream_id)
+    await asyncio.sleep(0.06)
+    assert [j.sid for j in await store.reclaim("rescuer", min_idle_ms=50)] == [kept.sid]
+    assert await store.queue_depth() == 1
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_jobs_work_over_resp2_and_resp3(redis_srv: RedisServer, protocol: int) -> None:
+    s = RedisStore.from_url(redis_srv.url, prefix=f"t{uuid.uuid4().hex[:10]}", protocol=protocol)
+    try:
+        await s.ensure_group()
+        await s.ensure_group()  # idempotent
+        await s.append_turns(T, "s", HELLO)
+        await s.enqueue_update(T, "s", reason="turn")
+        (job,) = await s.read_jobs("crashed", count=1, block_ms=100)
+        await asyncio.sleep(0.06)
+        (again,) = await s.reclaim("rescuer", min_idle_ms=50)
+        assert job == again and job.job_id == f"{T}:s:2:0"
+        assert await s.queue_depth() == 1
+    finally:
+        await s.aclose()
+
+
+# -- locks, A0, deletion ----------------------------------------------------------------------------
+async def test_session_lock_is_released_only_by_its_owner(store: RedisStore) -> None:
+    assert await store.acquire_session_lock(T, "s", "w1", 10_000)
+    assert not await store.acquire_session_lock(T, "s", "w2", 10_000)
+    assert not await store.release_session_lock(T, "s", "w2")
+    assert not await store.refresh_session_lock(T, "s", "w2", 10_000)
+    assert not await store.acquire_session_lock(T, "s", "w2", 10_000)
+    assert await store.refresh_session_lock(T, "s", "w1", 20_000)
+    assert await store.client.pttl(f"{store.prefix}:{{{T}:s}}:lock") > 10_000
+    assert await store.release_session_lock(T, "s", "w1")
+    assert await store.acquire_session_lock(T, "s", "w2", 50)
+    await asyncio.sleep(0.1)  # expired: a crashed holder does not block the session forever
+    assert await store.acquire_session_lock(T, "s", "w3", 10_000)
+    assert not await store.release_session_lock(T, "s", "w2")
+
+
+async def test_a0_blobs_round_trip(store: RedisStore) -> None:
+    blob = bytes(range(256)) * 100
+    assert await store.get_a0("qwen3-4b@abc") is None
+    await store.put_a0("qwen3-4b@abc", blob)
+    assert await store.get_a0("qwen3-4b@abc") == blob
+
+
+async def test_delete_removes_every_key_of_the_session_only(store: RedisStore) -> None:
+    for sid in ("gone", "kept"):
+        await store.append_turns(T, sid, HELLO, idempotency_key="k1")
+        await store.add_teach_pairs(T, sid, [PAIR])
+        await commit(store, sid, await store.claim_snapshot(T, sid))
+        await store.append_turns(T, sid, HELLO, idempotency_key="k2")
+        await commit(store, sid, await store.claim_snapshot(T, sid))
+        await store.acquire_session_lock(T, sid, "w", 10_000)
+    before = await session_keys(store, "gone")
+    assert len(before) == 8  # meta turns keys lock idem×2 ckpt×2 (teach is empty after the commits)
+    assert all(f"{{{T}:gone}}".encode() in k for k in before)
+    assert await store.delete_session(T, "gone") is True
+    assert await session_keys(store, "gone") == []
+    assert await store.list_versions(T, "gone") == []
+    assert await store.get_session(T, "gone") is None
+    assert await store.delete_session(T, "gone") is False
+    assert len(await session_keys(store, "kept")) == 8 and await store.list_versions(T, "kept") == [1, 2]
+    # a new session of the same id starts from scratch, idempotency keys included
+    assert await store.append_turns(T, "gone", HELLO, idempotency_key="k1") == AppendResult(2, 2, False)
+
+
+async def test_session_pattern_escapes_glob_characters(store: RedisStore) -> None:
+    await store.ensure_session(T, "a*")
+    await store.ensure_session(T, "ab")
+    assert await session_keys(store, "a*") == [f"{store.prefix}:{{{T}:a*}}:meta".encode()]
+
+
+# -- faults ------------------------------------------------------------------------------------------
+async def test_store_unavailable_while_redis_is_down_and_data_survives_restart() -> None:
+    with RedisServer() as server:
+        s = RedisStore.from_url(server.url, prefix="faults", socket_timeout=1.0, retries=1)
+        try:
+            await s.ensure_group()
+            await s.append_turns(T, "s", HELLO)
+            await commit(s, "s", await s.claim_snapshot(T, "s"), b"durable")
+            await s.enqueue_update(T, "s", reason="turn", force=True)
+            server.stop()
+            assert await s.ping() is False
+            for call in (
+                s.get_session(T, "s"),
+                s.append_turns(T, "s", HELLO),
+                s.read_jobs("w", 1),
+                s.get_checkpoint(T, "s", 1),
+                s.enqueue_update(T, "s", reason="turn"),
+            ):
+                with pytest.raises(StoreUnavailable):
+                    await call
+            server.restart()
+            assert await s.ping() is True
+            state = await s.get_session(T, "s")
+            assert state is not None and (state.turns, state.adapter_version) == (2, 1)
+            ckpt = await s.get_checkpoint(T, "s", 1)
+            assert ckpt is not None and ckpt.data == b"durable"
+            assert [j.job_id for j in await s.read_jobs("w", 5)] == [f"{T}:s:2:0"]
+        finally:
+            await s.aclose()
