@@ -10,6 +10,7 @@ from typing import Any
 
 from server.engine import Engine
 from server.errors import InvalidRequest, NotFound
+from server.limits import check_messages
 from server.metrics import METRICS
 from server.pool import AdapterPool
 from server.prompting import fit_turns, new_suffix, system_text
@@ -59,6 +60,7 @@ class ChatService:
     async def prepare(self, req: ChatCompletionRequest, ctx: TurnContext) -> Prepared:
         model = self.check_model(req.model)
         sent = [{"role": m.role, "content": m.text} for m in req.messages]
+        check_messages(sent, self.settings)
         system = next((m["content"] for m in sent if m["role"] == "system"), self.settings.system_prompt)
         dialogue = [m for m in sent if m["role"] != "system"]
         if not dialogue:

@@ -85,13 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--hidden", type=int, default=256)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_tiny_model)
-    for register in _EXTRA_COMMANDS:
+    for register in _extra_commands():
         register(sub)
     return parser
 
 
-# Harness modules (load test, evaluation, worker) add their subcommands here.
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+def _extra_commands() -> list[Callable[[Any], None]]:
+    """Subcommands that live beside their code (worker, load test, evaluation)."""
+    from server import worker_main
+
+    return [worker_main.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from server.chat import ChatService
 from server.errors import InvalidRequest, NotFound, ServiceUnavailable
+from server.limits import check_messages
 from server.pool import AdapterPool
 from server.protocol import SessionInfo
 from server.settings import Settings
@@ -45,6 +46,7 @@ class SessionService:
     async def ingest(
         self, tenant: str, sid: str, messages: list[dict[str, str]], idempotency_key: str | None
     ) -> SessionState:
+        check_messages(messages, self.settings)
         await self.store.ensure_session(tenant, sid)
         result = await self.store.append_turns(tenant, sid, messages, idempotency_key=idempotency_key)
         if not result.duplicate:

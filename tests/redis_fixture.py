@@ -73,6 +73,7 @@ class RedisServer:
         """Start the server and wait until it answers PING."""
         if self.running:
             return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
                 "--save", "", "--appendonly", "yes", "--protected-mode", "no", "--daemonize", "no",
                 "--logfile", str(self.data_dir / "redis.log")]

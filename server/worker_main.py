@@ -1,0 +1,82 @@
+"""`tmem worker`: the update worker as its own process, for scale-out and for surviving crashes.
+
+It holds the trainer's frozen model but no inference engine: extraction and summaries are generated
+by an API replica (`--api-url`) with the session's live adapter, so one engine keeps the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from typing import Any
+
+import httpx
+
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class HttpGenerator:
+    """Greedy generation through an API replica, never recorded as a turn of the session."""
+
+    def __init__(self, api_url: str, api_key: str | None, timeout_s: float = 300.0) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(base_url=api_url.rstrip("/"), headers=headers, timeout=timeout_s)
+
+    async def generate(self, tenant: str, sid: str, version: int, messages: list[dict[str, str]],
+                       max_tokens: int, json_schema: dict[str, Any] | None = None) -> str:
+        del tenant, version  # the replica serves the caller's tenant at the session's live version
+        body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
+        if json_schema is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "qa_pairs", "schema": json_schema}}
+        headers = {"X-Session-ID": sid, "X-TMEM-Record": "false"}
+        response = await self.client.post("/v1/chat/completions", json=body, headers=headers)
+        if response.status_code == 400 and json_schema is not None:
+            # A replica whose engine lacks structured output: the tolerant parser copes with free text.
+            body.pop("response_format")
+            response = await self.client.post("/v1/chat/completions", json=body, headers=headers)
+        response.raise_for_status()
+        return str(response.json()["choices"][0]["message"]["content"] or "")
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+async def run_worker(settings: Settings, api_url: str, api_key: str | None) -> None:
+    from server.store import RedisStore
+    from server.trainer_runtime import TrainerRuntime
+    from server.worker import UpdateWorker
+
+    if settings.redis_url is None:
+        raise SystemExit("tmem worker needs --redis-url (the Redis the API replicas use)")
+    store = RedisStore.from_url(settings.redis_url, prefix=settings.redis_prefix)
+    runtime = await asyncio.to_thread(TrainerRuntime.load, settings)
+    generator = HttpGenerator(api_url, api_key)
+    worker = UpdateWorker(store, runtime, generator, settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    log.info("worker %s ready (api %s)", worker.name, api_url)
+    try:
+        await worker.run()
+    finally:
+        await generator.aclose()
+        await store.aclose()
+
+
+def register(sub: Any) -> None:
+    from server.cli import add_settings_flags, settings_from_args
+
+    parser: argparse.ArgumentParser = sub.add_parser("worker", help="run the update worker alone (scale-out)")
+    add_settings_flags(parser)
+    parser.add_argument("--api-url", required=True, help="an API replica used for extraction generation")
+    parser.add_argument("--api-key", default=None, help="key for the API replica, if it requires one")
+
+    def cmd(args: argparse.Namespace) -> int:
+        asyncio.run(run_worker(settings_from_args(args), args.api_url, args.api_key))
+        return 0
+
+    parser.set_defaults(func=cmd)
