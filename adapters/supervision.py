@@ -13,8 +13,13 @@ IGNORE_INDEX = -100
 
 
 class Pair(Protocol):
-    instruction: str
-    output: str
+    """Anything with a question and an answer (read-only, so frozen models and dataclasses fit)."""
+
+    @property
+    def instruction(self) -> str: ...
+
+    @property
+    def output(self) -> str: ...
 
 
 @dataclass(frozen=True)

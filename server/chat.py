@@ -33,6 +33,7 @@ class TurnContext:
     session_id: str | None
     record: bool = True
     idempotency_key: str | None = None
+    use_adapter: bool = True  # False (header X-TMEM-Adapter: off): base model + summary, for ablations
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -68,7 +69,7 @@ class ChatService:
         version, summary, history = 0, "", []
         if ctx.session_id is not None and self.store is not None:
             state = await self.store.ensure_session(ctx.tenant, ctx.session_id)
-            version, summary = state.adapter_version, state.summary
+            version, summary = (state.adapter_version if ctx.use_adapter else 0), state.summary
             start = state.absorbed_turns if self.settings.update_policy == "context-budget" else 0
             history = await self.store.get_turns(ctx.tenant, ctx.session_id, max(start, state.turns - 400))
         new_messages = new_suffix(history, dialogue) if history else dialogue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import types
 import typing
@@ -41,8 +42,12 @@ def _literal_choices(annotation: Any) -> list[str] | None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
-    return Settings(**overrides)
+    """Flags win over the environment; both go through pydantic-settings' own string parsing."""
+    for name in Settings.model_fields:
+        value = getattr(args, name, None)
+        if value is not None:
+            os.environ[f"TMEM_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return Settings()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -92,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Subcommands that live beside their code (worker, load test, evaluation)."""
+    from bench import loadtest
+    from bench.eval import cli as eval_cli
     from server import worker_main
 
-    return [worker_main.register]
+    return [worker_main.register, loadtest.register, eval_cli.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

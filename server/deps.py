@@ -68,11 +68,14 @@ def turn_context(
     tenant: Annotated[str, Depends(get_tenant)],
     session_id: Annotated[str | None, Depends(header_session_id)],
     x_tmem_record: Annotated[str | None, Header()] = None,
+    x_tmem_adapter: Annotated[str | None, Header()] = None,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> TurnContext:
     record = (x_tmem_record or "true").strip().lower() not in ("false", "0", "no")
+    use_adapter = (x_tmem_adapter or "on").strip().lower() not in ("off", "false", "0", "no")
     request_id = getattr(request.state, "request_id", None)
-    ctx = TurnContext(tenant=tenant, session_id=session_id, record=record, idempotency_key=idempotency_key)
+    ctx = TurnContext(tenant=tenant, session_id=session_id, record=record, idempotency_key=idempotency_key,
+                      use_adapter=use_adapter)
     if request_id:
         ctx.request_id = f"{request_id}-{ctx.request_id[:8]}"
     return ctx

@@ -38,7 +38,7 @@ class Engine:
             enable_lora=True,
             max_loras=settings.max_loras,
             max_cpu_loras=max(settings.max_cpu_loras, settings.max_loras),
-            max_lora_rank=settings.max_lora_rank,
+            max_lora_rank=settings.max_lora_rank,  # type: ignore[arg-type]  # checked in Settings
             enforce_eager=settings.enforce_eager,
             disable_log_stats=True,
         )

@@ -403,6 +403,8 @@ class SessionInfo(BaseModel):
     summary: str
     pending_updates: int
     created_at: int
+    # Why the last update was rejected (e.g. a NaN loss); cleared by the next committed update.
+    last_error: str | None = None
 
 
 class FlushResponse(BaseModel):

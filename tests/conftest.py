@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from redis_fixture import RedisServer
 from server_proc import ServerProcess
 

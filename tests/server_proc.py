@@ -63,3 +63,43 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
+
+
+class WorkerProcess:
+    """`tmem worker` as its own process (no engine: it generates through the API replica at `api_url`)."""
+
+    def __init__(self, model_dir: Path, redis_url: str, api_url: str, log_path: Path,
+                 extra: list[str] | None = None) -> None:
+        self.log_path = log_path
+        self.cmd = [sys.executable, "-m", "server.cli", "worker", "--model", str(model_dir), "--redis-url", redis_url,
+                    "--api-url", api_url, "--dtype", "float32", *TEST_TRAINER_FLAGS, *(extra or [])]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 120.0) -> WorkerProcess:
+        self.log_path.write_bytes(b"")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps writing after this returns
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMEM_A0_CACHE_DIR": str(self.log_path.parent / "a0")}
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            if b" ready (api " in self.log_path.read_bytes():
+                return self
+            time.sleep(0.2)
+        self.kill()
+        raise RuntimeError("worker did not become ready")
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, with no chance to ack, release the lock or clean up."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()

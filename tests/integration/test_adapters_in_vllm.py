@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import download_adapter, greedy, teach_and_flush, write_version
 from safetensors.torch import load_file
 
-from helpers import download_adapter, greedy, teach_and_flush, write_version
 from server.settings import Settings
 
 pytestmark = pytest.mark.engine

@@ -1,0 +1,208 @@
+"""Issue 3 acceptance on the shared server: the official openai client, sessions, updates, bad input."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+from helpers import greedy, session_info, teach_and_flush
+
+pytestmark = pytest.mark.engine
+
+
+def chat(client, sid: str | None, text: str, **kw):
+    headers = {"X-Session-ID": sid} if sid else {}
+    return client.chat.completions.with_raw_response.create(
+        model=kw.pop("model", None) or client.models.list().data[0].id,
+        messages=[{"role": "user", "content": text}], temperature=0, max_tokens=kw.pop("max_tokens", 12),
+        extra_headers=headers, **kw)
+
+
+def test_models_and_health(openai_client, server) -> None:
+    models = openai_client.models.list()
+    assert len(models.data) == 1
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok" and health["redis"] is True
+
+
+def test_stateless_request_is_a_plain_openai_endpoint(openai_client) -> None:
+    raw = chat(openai_client, None, "Hello!")
+    completion = raw.parse()
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.usage.completion_tokens > 0
+    assert raw.headers["X-TMEM-Adapter-Version"] == "0"
+
+
+def test_streaming_with_usage_matches_non_streaming(openai_client) -> None:
+    model = openai_client.models.list().data[0].id
+    stream = openai_client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Tell me a story."}], temperature=0, max_tokens=16,
+        stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 16
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    plain = openai_client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Tell me a story."}], temperature=0, max_tokens=16)
+    assert text == plain.choices[0].message.content
+
+
+def test_teach_flush_then_answer_without_history_and_version_bumps_by_one(server, sid) -> None:
+    pairs = [("Which city did I move to in 2021?", "You moved to Porto in 2021.")]
+    assert teach_and_flush(server.url, sid, pairs) == 1
+    assert greedy(server.url, pairs[0][0], sid) == (pairs[0][1], 1)
+    assert teach_and_flush(server.url, sid, [("What is my cat called?", "Your cat is called Miso.")]) == 2
+    info = session_info(server.url, sid)
+    assert info["adapter_version"] == 2 and info["pending_updates"] == 0 and info["turns"] == 0
+
+
+def test_each_turn_is_stored_once_and_queues_an_update(openai_client, server, sid) -> None:
+    versions = []
+    for i in range(3):
+        raw = chat(openai_client, sid, f"Turn {i}: I went hiking on Saturday with Anna.")
+        versions.append(int(raw.headers["X-TMEM-Adapter-Version"]))
+    info = session_info(server.url, sid)
+    assert info["turns"] == 6  # 3 user messages + 3 replies, each once
+    flushed = httpx.post(f"{server.url}/v1/sessions/{sid}/flush", json={"timeout": 180}, timeout=200).json()
+    assert versions == sorted(versions)
+    assert flushed["adapter_version"] >= versions[-1]
+    assert session_info(server.url, sid)["pending_updates"] == 0
+
+
+def test_a_client_resending_the_whole_conversation_appends_only_the_new_suffix(openai_client, server, sid) -> None:
+    model = openai_client.models.list().data[0].id
+    first = openai_client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "My name is Ana."}], temperature=0, max_tokens=8,
+        extra_headers={"X-Session-ID": sid})
+    history = [{"role": "user", "content": "My name is Ana."},
+               {"role": "assistant", "content": first.choices[0].message.content},
+               {"role": "user", "content": "What is my name?"}]
+    openai_client.chat.completions.create(model=model, messages=history, temperature=0, max_tokens=8,
+                                          extra_headers={"X-Session-ID": sid})
+    assert session_info(server.url, sid)["turns"] == 4
+
+
+def test_a_reply_is_not_delayed_until_a_running_update_finishes(server, sid, openai_client) -> None:
+    pairs = [{"instruction": f"Question number {i} about my week?", "output": f"Answer {i}: I was busy."}
+             for i in range(48)]
+    httpx.post(f"{server.url}/v1/sessions/{sid}/memories", json={"pairs": pairs}, timeout=30).raise_for_status()
+    raw = chat(openai_client, sid, "Quick question while you learn.")
+    assert raw.parse().choices[0].message.content is not None
+    # The reply came back while the update was still pending: it never waited for the trainer.
+    assert session_info(server.url, sid)["pending_updates"] > 0
+    httpx.post(f"{server.url}/v1/sessions/{sid}/flush", json={"timeout": 300}, timeout=320).raise_for_status()
+
+
+def test_ingest_then_flush_absorbs_messages(server, sid) -> None:
+    msgs = [{"role": "user", "content": "I started a pottery class on Tuesday."},
+            {"role": "assistant", "content": "That sounds fun!"}]
+    info = httpx.post(f"{server.url}/v1/sessions/{sid}/messages", json={"messages": msgs}, timeout=30).json()
+    assert info["turns"] == 2 and info["pending_updates"] == 2
+    httpx.post(f"{server.url}/v1/sessions/{sid}/flush", json={"timeout": 180}, timeout=200).raise_for_status()
+    after = session_info(server.url, sid)
+    assert after["pending_updates"] == 0
+    assert isinstance(after["summary"], str)
+
+
+def test_delete_forgets_everything(server, sid, redis_main) -> None:
+    teach_and_flush(server.url, sid, [("Who is my manager?", "Your manager is Rita.")])
+    assert httpx.delete(f"{server.url}/v1/sessions/{sid}").json() == {"id": sid, "object": "session.deleted",
+                                                                      "deleted": True}
+    assert httpx.get(f"{server.url}/v1/sessions/{sid}").status_code == 404
+    import redis
+
+    leftovers = list(redis.Redis.from_url(redis_main.url).scan_iter(match=f"*{sid}*"))
+    assert leftovers == []
+    assert greedy(server.url, "Who is my manager?", sid)[1] == 0  # back to the base model
+
+
+# ---- bad input: each error asserted, in OpenAI's shape ---------------------------------------------------
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    if code is not None:
+        assert body["error"]["code"] == code
+    if param is not None:
+        assert body["error"]["param"] == param
+    return body["error"]
+
+
+def post(server, body, headers=None, raw: bytes | None = None) -> httpx.Response:
+    headers = {"content-type": "application/json", **(headers or {})}
+    content = raw if raw is not None else json.dumps(body).encode()
+    return httpx.post(f"{server.url}/v1/chat/completions", content=content, headers=headers, timeout=60)
+
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def test_malformed_json_is_400(server) -> None:
+    assert_error(post(server, None, raw=b'{"messages": [}'), 400, code="invalid_json")
+
+
+def test_unknown_model_is_404(server) -> None:
+    assert_error(post(server, {"model": "gpt-17", "messages": USER}), 404, code="model_not_found", param="model")
+
+
+@pytest.mark.parametrize("bad_id", ["", "x" * 200, "../etc/passwd", "a/b", "a b", ".hidden"])
+def test_invalid_session_ids_are_400(server, bad_id: str) -> None:
+    assert_error(post(server, {"messages": USER}, headers={"X-Session-ID": bad_id}), 400, code="invalid_session_id")
+    if bad_id and "/" not in bad_id:
+        assert_error(httpx.get(f"{server.url}/v1/sessions/{bad_id}"), 400, code="invalid_session_id")
+
+
+def test_oversized_message_is_400_and_nothing_is_stored(server, sid) -> None:
+    big = [{"role": "user", "content": "x" * 40_000}]
+    assert_error(post(server, {"messages": big}, headers={"X-Session-ID": sid}), 400,
+                 code="string_above_max_length", param="messages[0].content")
+    assert httpx.get(f"{server.url}/v1/sessions/{sid}").status_code == 404
+
+
+def test_max_tokens_beyond_the_context_is_400(server) -> None:
+    error = assert_error(post(server, {"messages": USER, "max_tokens": 100_000}), 400, code="context_length_exceeded")
+    assert "maximum context length" in error["message"]
+
+
+def test_unsupported_field_is_a_clear_400(server) -> None:
+    assert_error(post(server, {"messages": USER, "tools": [{"type": "function"}]}), 400, param="tools")
+
+
+def test_unknown_session_is_404_for_session_endpoints(server, sid) -> None:
+    for method, path in [("GET", ""), ("POST", "/flush"), ("GET", "/adapter"), ("DELETE", "")]:
+        assert_error(httpx.request(method, f"{server.url}/v1/sessions/{sid}{path}"), 404, code="session_not_found")
+
+
+def test_openai_client_raises_its_own_errors(openai_client) -> None:
+    with pytest.raises(openai.NotFoundError):
+        openai_client.chat.completions.create(model="nope", messages=USER)
+    with pytest.raises(openai.BadRequestError):
+        openai_client.chat.completions.create(model=openai_client.models.list().data[0].id, messages=USER,
+                                              max_tokens=10**6)
+
+
+def test_client_disconnect_mid_stream_stores_nothing_and_server_stays_up(server, sid) -> None:
+    body = json.dumps({"messages": USER, "stream": True, "max_tokens": 1500, "temperature": 0}).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"X-Session-ID: {sid}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", server.port)) as conn:
+        conn.sendall(request)
+        assert b"200 OK" in conn.recv(4096)  # streaming started
+    time.sleep(1.0)
+    # The abandoned reply is not a turn: the client never saw it.
+    assert session_info(server.url, sid)["turns"] == 0
+    assert greedy(server.url, "still there?")[0] is not None
+
+
+def test_metrics_expose_the_promised_series(server) -> None:
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ["tmem_time_to_first_token_seconds", "tmem_update_lag_seconds", "tmem_extraction_failures_total",
+                 "tmem_training_loss", "tmem_adapters_resident", "tmem_update_queue_depth", "tmem_updates_total",
+                 "tmem_completion_tokens_total"]:
+        assert name in text
