@@ -9,6 +9,11 @@ user message and `X-Session-ID`, because the server keeps the history; without (
 always for `--compare-url`) the client resends the whole conversation, as any stateless client must.
 Requests stream (SSE) so TTFT is exact. Errors are counted by kind, never dropped: the exit status is 1
 when the error rate of any run exceeds `--max-error-rate` (default 0), else 0.
+
+--out gets report.json (ttft_s / tpot_s / e2e_s quantiles, output_tok_per_s, requests by status and error
+kind, update_lag_s, the server's own /metrics histograms over the run, a per-second throughput timeline and
+one row per request; `compare` and `ratios` with --compare-url) and latency_cdf.png, throughput.png,
+update_lag.png. Update lag: turn end (the last SSE byte) → the update that absorbed the turn committed.
 """
 
 from __future__ import annotations
@@ -99,6 +104,8 @@ async def _read_sse(resp: httpx.Response, rec: RequestRecord, started: float, t0
         try:
             event = json.loads(data)
         except ValueError:
+            event = None
+        if not isinstance(event, dict):
             rec.error, rec.error_message = "bad_event", data[:300]
             continue
         if "error" in event:  # an error after the first byte arrives as an event, then [DONE]
@@ -231,7 +238,7 @@ class LoadRun:
                 self.records.append(rec)
                 user = {"role": "user", "content": text}
                 messages = [user] if sid is not None else [*history, user]
-                await send_turn(self.client, self.body(messages), self.headers(sid), rec, self.t0,
+                await send_turn(self.client, self.body(messages, i, k), self.headers(sid), rec, self.t0,
                                 self.cfg.request_timeout_s)
                 self.bar.update(1)
                 if not rec.ok:
@@ -243,12 +250,14 @@ class LoadRun:
                 else:
                     history += [user, {"role": "assistant", "content": rec.text}]
 
-    def body(self, messages: list[Message]) -> dict[str, Any]:
+    def body(self, messages: list[Message], session: int, turn: int) -> dict[str, Any]:
         system = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
         body: dict[str, Any] = {
             "messages": [*system, *messages], "max_tokens": self.cfg.max_tokens,
             "temperature": self.cfg.temperature, "stream": True, "stream_options": {"include_usage": True},
         }
+        if self.cfg.seed is not None:
+            body["seed"] = self.cfg.seed + 1000 * session + turn
         if self.model:
             body["model"] = self.model
         return body
@@ -348,7 +357,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         sessions=args.sessions, turns=args.turns, concurrency=args.concurrency, duration_s=args.duration,
         max_requests=args.max_requests, max_tokens=args.max_tokens, temperature=args.temperature,
         request_timeout_s=args.request_timeout, lag_timeout_s=args.lag_timeout, poll_interval_s=args.poll_interval,
-        warmup=args.warmup, system=args.system, progress=not args.no_progress,
+        warmup=args.warmup, system=args.system, seed=args.seed, progress=not args.no_progress,
     )
 
 
@@ -384,6 +393,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--prompts", type=Path, default=report.DEFAULT_PROMPTS, help="ShareGPT-style JSON or our prompts.json format")
     a("--max-tokens", type=_positive, default=64)
     a("--temperature", type=float, default=0.0, help="0 (default): both servers of a comparison emit alike")
+    a("--seed", type=int, default=None, help="sampling seed base (with --temperature > 0), same on both servers")
     a("--system", default=None, help="a system message sent with every request")
     a("--api-key", default=os.environ.get("TMEM_API_KEY"), help="bearer key (default $TMEM_API_KEY)")
     a("--model", default=None, help="model name (default: the server's first in /v1/models)")

@@ -29,7 +29,8 @@ class RequestRecord:
     session_id: str | None
     start: float
     status: int | None = None  # HTTP status; None when no response arrived at all
-    error: str | None = None  # connect, timeout, http_<status>, stream_error, incomplete, transport, cancelled
+    error: str | None = None  # connect, timeout, http_<status>, stream_error, bad_event, incomplete, transport,
+    #                           cancelled (cut off by the run's overall timeout)
     error_message: str | None = None
     ttft: float | None = None
     tpot: float | None = None
@@ -62,6 +63,7 @@ class LoadConfig:
     max_requests: int | None = None
     max_tokens: int = 64
     temperature: float = 0.0
+    seed: int | None = None  # per request seed + 1000·session + turn: sampled replies alike on both servers
     request_timeout_s: float = 120.0
     lag_timeout_s: float = 120.0
     poll_interval_s: float = 0.5

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -67,14 +68,26 @@ class ManagedServer:
         raise RuntimeError(f"{self.name} was not healthy within 600 s; see {self.log_path}")
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)  # the group: vLLM's engine core is a child process
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        # The whole group: vLLM's engine core and worker are children, and a worker can outlive the
+        # server's own exit, so the group is signalled until it is empty, then killed.
+        deadline = time.monotonic() + 60
+        while _group_alive(self.proc.pid) and time.monotonic() < deadline:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+        if _group_alive(self.proc.pid):
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        self.proc.wait(timeout=10)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def ours_command(model: Path, port: int, out: Path) -> list[str]:
@@ -91,14 +104,18 @@ def vllm_command(model: Path, port: int) -> list[str]:
 
 
 def measure(url: str, label: str, sessions: bool, concurrency: int, args: argparse.Namespace) -> dict[str, Any]:
-    """One load run (loadtest's engine) → its summary; sessions = 4 per concurrency slot, at least 4."""
-    n_sessions = max(4, 2 * concurrency)
+    """One load run (loadtest's engine) → its summary; 4 sessions per concurrency slot, at least 8."""
+    n_sessions = max(8, 4 * concurrency)
+    # Sampled with a fixed seed per request, not greedy: the random tiny model's greedy replies often
+    # decode to no visible text until the last token, which would make TTFT the whole reply's time.
     cfg = LoadConfig(sessions=n_sessions, turns=args.turns, concurrency=concurrency, duration_s=args.duration,
-                     max_tokens=args.max_tokens, lag_timeout_s=args.lag_timeout, warmup=2, system=SYSTEM)
+                     max_tokens=args.max_tokens, temperature=1.0, seed=0, lag_timeout_s=args.lag_timeout,
+                     warmup=2, system=SYSTEM)
     plan = build_plan(load_conversations(report.DEFAULT_PROMPTS), n_sessions, args.turns)
     result = asyncio.run(run_target(Target(label, url, sessions=sessions), cfg, plan, uuid.uuid4().hex[:8]))
     summary = report.summarize(result, max_error_rate=0.0)
     summary["concurrency"] = concurrency
+    summary["loadavg_1m"] = os.getloadavg()[0]  # a shared machine's other work skews every figure: show it
     return summary
 
 
@@ -190,8 +207,8 @@ def _round(value: float | None) -> float | None:
 def format_table(results: dict[str, Any], figures: dict[str, Any]) -> str:
     """Every run in one table, then the ratios, the lag and the hot swap."""
     head = f"{'run':<15}{'conc':>5}{'req':>5}{'err':>5}{'prompt':>8}{'TTFT p50':>10}{'TTFT p95':>10}"
-    head += f"{'TPOT p50':>10}{'E2E p50':>10}{'tok/s':>9}{'lag p50':>9}{'lag p95':>9}"
-    lines = [head + "   (times in ms, lag in s)"]
+    head += f"{'TPOT p50':>10}{'E2E p50':>10}{'tok/s':>9}{'lag p50':>9}{'lag p95':>9}{'load':>6}"
+    lines = [head + "   (times in ms, lag in s, load: 1-min load average after the run)"]
     for run in results["runs"]:
         lag = run["update_lag_s"] if run["sessions"] else {"p50": None, "p95": None}
         lines.append(
@@ -199,7 +216,7 @@ def format_table(results: dict[str, Any], figures: dict[str, Any]) -> str:
             f"{_num(run['prompt_tokens_mean'], 1, 0):>8}{_num(run['ttft_s']['p50'], 1000):>10}"
             f"{_num(run['ttft_s']['p95'], 1000):>10}{_num(run['tpot_s']['p50'], 1000):>10}"
             f"{_num(run['e2e_s']['p50'], 1000):>10}{run['output_tok_per_s']:>9.1f}"
-            f"{_num(lag['p50'], 1, 2):>9}{_num(lag['p95'], 1, 2):>9}")
+            f"{_num(lag['p50'], 1, 2):>9}{_num(lag['p95'], 1, 2):>9}{run['loadavg_1m']:>6.1f}")
     lines.append("")
     for c in CONCURRENCIES:
         lines.append(f"ours/vLLM at concurrency {c}: TTFT p50 {_num(figures[f'ttft_ratio_c{c}'], 1, 3)}"

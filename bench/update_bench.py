@@ -304,6 +304,7 @@ def plot(models: list[dict[str, Any]], curves: dict[str, Any], path: Path) -> Pa
         left.bar([i + offset for i in x], [m["routes"][route]["s_per_update"] for m in models], width=0.4,
                  label="FastWeightModel + OnlineTrainer" if route == "ours" else "PEFT + standard loop")
     left.set_xticks(list(x), [f"{m['label']}\n{m['layers']}x{m['hidden']}" for m in models])
+    left.set_yscale("log")  # the models differ by ~10x; a linear axis hides the small one
     left.set_ylabel("seconds per update")
     left.set_title("One update (median)")
     left.legend()

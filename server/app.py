@@ -7,14 +7,18 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 
+from server.auth import KeyRing, RateLimiter
 from server.chat import ChatService
-from server.deps import Services
+from server.deps import Auth, Services
 from server.engine import Engine
 from server.errors import RequestIdMiddleware, ServiceUnavailable, install_error_handlers, register_exception
 from server.generation import EngineGenerator
+from server.limits import BodySizeLimit
+from server.metrics import METRICS
 from server.pool import AdapterPool
 from server.redis_proc import PrivateRedis
 from server.routers import chat, sessions, system
@@ -36,7 +40,13 @@ def create_app(settings: Settings) -> FastAPI:
             yield
 
     app = FastAPI(title="TMEM server", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestIdMiddleware)
+    app.state.auth = Auth(KeyRing.from_settings(settings), RateLimiter(None, settings.redis_prefix, 0, 0))
+    if not app.state.auth.keys.enabled:
+        log.warning("NO API KEYS CONFIGURED: the server is open to anyone who can reach it "
+                    "(set TMEM_API_KEYS or --api-keys-file; --require-auth refuses to start without keys)")
+    app.middleware("http")(_count_requests)
     install_error_handlers(app)
     register_exception(
         StoreUnavailable,
@@ -47,6 +57,14 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (chat, sessions, system):
         app.include_router(module.router)
     return app
+
+
+async def _count_requests(request: Request, call_next: Any) -> Response:
+    response: Response = await call_next(request)
+    route = request.scope.get("route")
+    # The route template, not the raw path: session ids must not become metric labels.
+    METRICS.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+    return response
 
 
 @asynccontextmanager
@@ -64,7 +82,9 @@ async def _running(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     try:
         await store.ensure_group()
         pool = AdapterPool(engine, store, settings.adapter_dir, settings.model_name)
-        chat_service = ChatService(engine, pool, store, settings)
+        limiter = RateLimiter(store.client, settings.redis_prefix, settings.rate_limit_rpm, settings.rate_limit_tpm)
+        app.state.auth = Auth(app.state.auth.keys, limiter)
+        chat_service = ChatService(engine, pool, store, settings, limiter)
         app.state.session_service = SessionService(store, pool, chat_service, settings)
         if settings.worker == "inline":
             runtime = await asyncio.to_thread(TrainerRuntime.load, settings)

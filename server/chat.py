@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.auth import RateLimiter
 from server.engine import Engine
-from server.errors import InvalidRequest, NotFound
+from server.errors import Forbidden, InvalidRequest, NotFound
 from server.limits import check_messages
 from server.metrics import METRICS
 from server.pool import AdapterPool
@@ -20,7 +21,7 @@ from server.protocol import (
     ChatCompletionResponse,
 )
 from server.settings import Settings
-from server.store import RedisStore
+from server.store import RedisStore, SessionState
 
 Message = dict[str, str]
 
@@ -49,8 +50,21 @@ class Prepared:
 class ChatService:
     """Chat completions for stateless requests and sessions alike."""
 
-    def __init__(self, engine: Engine, pool: AdapterPool, store: RedisStore | None, settings: Settings) -> None:
+    def __init__(self, engine: Engine, pool: AdapterPool, store: RedisStore | None, settings: Settings,
+                 limiter: RateLimiter | None = None) -> None:
         self.engine, self.pool, self.store, self.settings = engine, pool, store, settings
+        self.limiter = limiter
+
+    async def open_session(self, tenant: str, sid: str) -> SessionState:
+        """The session's state, created on first use unless the tenant is at its session cap (403)."""
+        assert self.store is not None
+        state = await self.store.get_session(tenant, sid)
+        if state is not None:
+            return state
+        if await self.store.count_sessions(tenant) >= self.settings.max_sessions_per_tenant:
+            raise Forbidden(f"session limit reached: at most {self.settings.max_sessions_per_tenant} sessions "
+                            "per key; delete one first", code="session_limit_reached")
+        return await self.store.ensure_session(tenant, sid)
 
     def check_model(self, model: str | None) -> str:
         name = model or self.settings.model_name
@@ -68,7 +82,7 @@ class ChatService:
             raise InvalidRequest("messages must contain at least one user or assistant message", param="messages")
         version, summary, history = 0, "", []
         if ctx.session_id is not None and self.store is not None:
-            state = await self.store.ensure_session(ctx.tenant, ctx.session_id)
+            state = await self.open_session(ctx.tenant, ctx.session_id)
             version, summary = (state.adapter_version if ctx.use_adapter else 0), state.summary
             start = state.absorbed_turns if self.settings.update_policy == "context-budget" else 0
             history = await self.store.get_turns(ctx.tenant, ctx.session_id, max(start, state.turns - 400))
@@ -91,7 +105,7 @@ class ChatService:
         completion = final.outputs[0]
         text, n_out = completion.text, len(completion.token_ids)
         await self.finish_turn(ctx, prep.new_messages, text)
-        self._count(len(prep.prompt_ids), n_out)
+        await self._count(ctx, len(prep.prompt_ids), n_out)
         response = ChatCompletionResponse.build(
             request_id=ctx.request_id,
             model=prep.model,
@@ -131,7 +145,7 @@ class ChatService:
             if req.stream_usage:
                 yield ChatCompletionChunk.usage_only(ctx.request_id, prep.model, len(prep.prompt_ids), n_out)
             await self.finish_turn(ctx, prep.new_messages, completion.text)
-            self._count(len(prep.prompt_ids), n_out)
+            await self._count(ctx, len(prep.prompt_ids), n_out)
         finally:
             if not completed:
                 # The client left (or the engine failed): the reply was never delivered, so the turn is
@@ -166,9 +180,11 @@ class ChatService:
                 return False
         return await self.store.enqueue_update(tenant, sid, reason=reason)
 
-    def _count(self, prompt: int, completion: int) -> None:
+    async def _count(self, ctx: TurnContext, prompt: int, completion: int) -> None:
         METRICS.prompt_tokens.inc(prompt)
         METRICS.completion_tokens.inc(completion)
+        if self.limiter is not None:
+            await self.limiter.add_tokens(ctx.tenant, prompt + completion)
 
 
 class _NoAdapter:

@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Path, Request
 
+from server.auth import KeyRing, RateLimiter
 from server.chat import ChatService, TurnContext
 from server.errors import InvalidRequest, ServiceUnavailable
 from server.pool import AdapterPool
@@ -16,7 +17,12 @@ from server.store import RedisStore
 
 # Letters, digits and . _ : - ; never a path: ids only ever reach Redis keys and digests.
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_:\-][A-Za-z0-9._:\-]{0,127}$")
-DEFAULT_TENANT = "default"
+
+
+@dataclass
+class Auth:
+    keys: KeyRing
+    limiter: RateLimiter
 
 
 @dataclass
@@ -45,8 +51,16 @@ def get_services(request: Request) -> Services:
     return services
 
 
-def get_tenant(request: Request) -> str:
-    return getattr(request.state, "tenant", DEFAULT_TENANT)
+async def get_tenant(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+    """The caller's tenant from its API key (401 otherwise), counted against its rate limit (429)."""
+    cached: str | None = getattr(request.state, "tenant", None)
+    if cached is not None:
+        return cached
+    auth: Auth = request.app.state.auth
+    tenant = auth.keys.tenant_for(authorization)
+    await auth.limiter.admit(tenant)
+    request.state.tenant = tenant
+    return tenant
 
 
 def get_store(services: Annotated[Services, Depends(get_services)]) -> RedisStore:

@@ -48,7 +48,7 @@ class SessionService:
         self, tenant: str, sid: str, messages: list[dict[str, str]], idempotency_key: str | None
     ) -> SessionState:
         check_messages(messages, self.settings)
-        await self.store.ensure_session(tenant, sid)
+        await self.chat.open_session(tenant, sid)
         result = await self.store.append_turns(tenant, sid, messages, idempotency_key=idempotency_key)
         if not result.duplicate:
             await self.chat.maybe_enqueue(tenant, sid, reason="ingest")
@@ -57,7 +57,7 @@ class SessionService:
     async def teach(self, tenant: str, sid: str, pairs: list[dict[str, str]]) -> SessionState:
         if len(pairs) > self.settings.max_pairs_per_teach:
             raise InvalidRequest(f"at most {self.settings.max_pairs_per_teach} pairs per call", param="pairs")
-        await self.store.ensure_session(tenant, sid)
+        await self.chat.open_session(tenant, sid)
         await self.store.add_teach_pairs(tenant, sid, pairs)
         await self.store.enqueue_update(tenant, sid, reason="teach", force=True)
         return await self.get(tenant, sid)

@@ -6,13 +6,21 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adapters.spec import FastWeightSpec
 from adapters.trainer import TrainerConfig
 
 UpdatePolicy = Literal["every-turn", "context-budget"]
+_PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "password", "your-api-key", "sk-xxx", "example", "test"}
+
+
+def check_api_key(key: str) -> str:
+    """Refuse keys a deployment must never run with: placeholders and short guessable strings."""
+    if key.strip().lower() in _PLACEHOLDER_KEYS or len(key) < 16:
+        raise ValueError("API keys must be at least 16 characters and not a placeholder value")
+    return key
 
 
 def _default_adapter_dir() -> Path:
@@ -70,13 +78,25 @@ class Settings(BaseSettings):
     worker: Literal["inline", "off"] = Field("inline", description="run the update worker inside `serve`")
     worker_threads: int = Field(1, ge=1, description="torch threads the trainer may use")
     extraction_max_tokens: int = 512
+    extraction_known_pairs: int = Field(20, ge=0, description="earlier pairs shown in the extraction prompt")
+    extraction_chunk_tokens: int = Field(1024, ge=64, description="new text per extraction prompt (chunked)")
     summary_max_tokens: int = 256
     extraction_structured: bool = True
     job_reclaim_idle_ms: int = Field(60_000, ge=100, description="a job unacked this long is taken over")
     job_lock_ttl_ms: int = Field(30_000, ge=500, description="a session's update lock lapses this long after a crash")
     flush_timeout_s: float = 300.0
 
+    # Keys, tenants and rate limits
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="comma-separated API keys, each `key` or `tenant=key`; each key is a tenant")
+    api_keys_file: Path | None = Field(None, description="a file of keys, one `key` or `tenant=key` per line")
+    require_auth: bool = Field(False, description="refuse to start without API keys")
+    rate_limit_rpm: int = Field(0, ge=0, description="requests per minute per key (0: unlimited)")
+    rate_limit_tpm: int = Field(0, ge=0, description="prompt+completion tokens per minute per key (0: unlimited)")
+
     # Limits
+    max_request_bytes: int = Field(2_000_000, ge=1024)
+    max_sessions_per_tenant: int = Field(10_000, ge=1)
     max_messages_per_request: int = 256
     max_message_chars: int = 32_000
     max_pairs_per_teach: int = 256
@@ -85,6 +105,26 @@ class Settings(BaseSettings):
     @classmethod
     def _split_modules(cls, value: object) -> object:
         return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _refuse_placeholder_keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in keys:
+            check_api_key(entry.rpartition("=")[2])
+        return keys
+
+    @model_validator(mode="after")
+    def _auth_is_configured_when_required(self) -> Settings:
+        if self.require_auth and not self.api_keys and self.api_keys_file is None:
+            raise ValueError("--require-auth is set but no API keys are configured (TMEM_API_KEYS or --api-keys-file)")
+        if self.rank > self.max_lora_rank:
+            raise ValueError(f"rank {self.rank} does not fit max_lora_rank {self.max_lora_rank}")
+        return self
 
     @field_validator("max_lora_rank")
     @classmethod

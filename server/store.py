@@ -221,6 +221,8 @@ class RedisStore(JobQueue):
             pipe.hsetnx(self._key(tenant, sid, "meta"), "created_at", now)
             pipe.hsetnx(self._key(tenant, sid, "meta"), "updated_at", now)
             await pipe.execute()
+        # The tenant's session index lives in another slot, so it is written outside the transaction.
+        await self._redis.sadd(self._tenant_sessions_key(tenant), sid)
         state = await self.get_session(tenant, sid)
         if state is None:  # deleted between the two steps: report a fresh, empty session
             return SessionState(session_id=sid, tenant=tenant, created_at=now, updated_at=now)
@@ -294,7 +296,16 @@ class RedisStore(JobQueue):
                     break
                 except WatchError:
                     continue
+        await self._redis.srem(self._tenant_sessions_key(tenant), sid)
         return int(removed) > 0
+
+    def _tenant_sessions_key(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{{{tenant}}}:sessions"
+
+    @faults_as_unavailable
+    async def count_sessions(self, tenant: str) -> int:
+        """How many sessions the tenant holds (for the per-tenant session cap)."""
+        return int(await self._redis.scard(self._tenant_sessions_key(tenant)))
 
     # -- updates ------------------------------------------------------------------------------------
     @faults_as_unavailable

@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any
 
-from adapters.checkpoint import Checkpoint
+from adapters.checkpoint import Checkpoint, CheckpointError
 from adapters.extraction import (
     EXTRACTION_JSON_SCHEMA,
     QAPair,
@@ -104,10 +104,12 @@ class UpdateWorker:
         started = time.perf_counter()
         pairs = [QAPair(instruction=p["instruction"], output=p["output"]) for p in snap.teach_pairs]
         summary: str | None = None
-        if snap.new_turns:
-            text = _as_text(snap.new_turns)
-            pairs += await self._extract(job, snap, text)
-            summary = await self._summarize(job, snap, text)
+        # Long ingests are read chunk by chunk, each fitting the window; the summary rolls forward.
+        running_summary = snap.summary
+        for text in self._chunks(snap.new_turns):
+            pairs += await self._extract(job, snap, text, known=pairs)
+            running_summary = await self._summarize(job, snap, running_summary, text) or running_summary
+            summary = running_summary
         METRICS.update_seconds.labels("extract").observe(time.perf_counter() - started)
         checkpoint, rejection = await self._train(job, snap, pairs)
         await self.store.commit_update(
@@ -125,20 +127,41 @@ class UpdateWorker:
         METRICS.update_lag.observe(max(0.0, time.time() - job.enqueued_at))
         METRICS.update_seconds.labels("total").observe(time.perf_counter() - started)
 
-    async def _extract(self, job: Job, snap: UpdateSnapshot, text: str) -> list[QAPair]:
-        messages = build_extraction_messages(text, [])
+    def _chunks(self, turns: list[dict[str, str]]) -> list[str]:
+        """Turns as text blocks of at most `extraction_chunk_tokens` tokens (a longer single turn is cut)."""
+        tokenizer = self.runtime.trainer.tokenizer
+        budget = self.settings.extraction_chunk_tokens
+        chunks: list[str] = []
+        lines: list[str] = []
+        used = 0
+        for line in (_as_text([turn]) for turn in turns):
+            ids = tokenizer.encode(line, add_special_tokens=False)
+            if len(ids) > budget:
+                line, ids = tokenizer.decode(ids[:budget]), ids[:budget]
+            if lines and used + len(ids) > budget:
+                chunks.append("\n".join(lines))
+                lines, used = [], 0
+            lines.append(line)
+            used += len(ids)
+        if lines:
+            chunks.append("\n".join(lines))
+        return chunks
+
+    async def _extract(self, job: Job, snap: UpdateSnapshot, text: str, known: list[QAPair]) -> list[QAPair]:
+        # The newest pairs are shown (to avoid repeats) within a bounded prompt; all are used for dedupe.
+        messages = build_extraction_messages(text, known, max_known=self.settings.extraction_known_pairs)
         raw = await self.generator.generate(
             job.tenant, job.sid, snap.version, messages, self.settings.extraction_max_tokens, EXTRACTION_JSON_SCHEMA
         )
-        report = parse_pairs(raw)
+        report = parse_pairs(raw, known=known)
         if not report.ok:
             METRICS.extraction_failures.inc()
             log.info("extraction for %s/%s gave no JSON array: %s", job.tenant, job.sid, report.problems[:3])
         METRICS.pairs_extracted.inc(len(report.pairs))
         return report.pairs
 
-    async def _summarize(self, job: Job, snap: UpdateSnapshot, text: str) -> str | None:
-        messages = build_summary_messages(snap.summary, text)
+    async def _summarize(self, job: Job, snap: UpdateSnapshot, previous: str, text: str) -> str | None:
+        messages = build_summary_messages(previous, text)
         raw = await self.generator.generate(
             job.tenant, job.sid, snap.version, messages, self.settings.summary_max_tokens
         )
@@ -165,12 +188,17 @@ class UpdateWorker:
         return self.runtime.encode(result.b), None
 
     async def _current_b(self, job: Job, version: int) -> Any:
-        if version == 0:
-            return self.runtime.zero_b()
-        stored = await self.store.get_checkpoint(job.tenant, job.sid, version)
-        if stored is None:
-            raise RuntimeError(f"version {version} of {job.tenant}/{job.sid} has no checkpoint")
-        return self.runtime.decode(stored.data, stored.sha256)
+        """B of the live version, or of the newest earlier one that verifies: a corrupt one is never built on."""
+        for candidate in range(version, 0, -1):
+            stored = await self.store.get_checkpoint(job.tenant, job.sid, candidate)
+            if stored is None:
+                continue
+            try:
+                return self.runtime.decode(stored.data, stored.sha256)
+            except (CheckpointError, ValueError) as exc:
+                METRICS.checkpoint_faults.inc()
+                log.error("checkpoint %s/%s@v%d refused: %s", job.tenant, job.sid, candidate, exc)
+        return self.runtime.zero_b()
 
 
 def _as_text(messages: list[dict[str, str]]) -> str:

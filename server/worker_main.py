@@ -46,13 +46,20 @@ class HttpGenerator:
         await self.client.aclose()
 
 
-async def run_worker(settings: Settings, api_url: str, api_key: str | None) -> None:
+async def run_worker(settings: Settings, api_url: str, api_key: str | None, metrics_port: int | None = None) -> None:
     from server.store import RedisStore
     from server.trainer_runtime import TrainerRuntime
     from server.worker import UpdateWorker
 
     if settings.redis_url is None:
         raise SystemExit("tmem worker needs --redis-url (the Redis the API replicas use)")
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        from server.metrics import METRICS
+
+        # Update lag, losses and queue depth live in this process: Prometheus scrapes it here.
+        start_http_server(metrics_port, registry=METRICS.registry)
     store = RedisStore.from_url(settings.redis_url, prefix=settings.redis_prefix)
     runtime = await asyncio.to_thread(TrainerRuntime.load, settings)
     generator = HttpGenerator(api_url, api_key)
@@ -75,9 +82,10 @@ def register(sub: Any) -> None:
     add_settings_flags(parser)
     parser.add_argument("--api-url", required=True, help="an API replica used for extraction generation")
     parser.add_argument("--api-key", default=None, help="key for the API replica, if it requires one")
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
 
     def cmd(args: argparse.Namespace) -> int:
-        asyncio.run(run_worker(settings_from_args(args), args.api_url, args.api_key))
+        asyncio.run(run_worker(settings_from_args(args), args.api_url, args.api_key, args.metrics_port))
         return 0
 
     parser.set_defaults(func=cmd)

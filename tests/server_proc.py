@@ -18,6 +18,8 @@ TEST_TRAINER_FLAGS = ["--optimizer", "adam", "--lr", "0.01", "--epochs", "30", "
 # fp32 so vLLM's greedy tokens match transformers + PEFT exactly; small KV cache for 2-core CI.
 TEST_ENGINE_FLAGS = ["--dtype", "float32", "--gpu-memory-utilization", "0.08", "--max-model-len", "2048",
                      "--context-tokens", "1536"]
+# Short extraction/summary generations: the random model never closes its JSON, so cap what it writes.
+TEST_WORKER_FLAGS = ["--extraction-chunk-tokens", "384", "--extraction-max-tokens", "96", "--summary-max-tokens", "48"]
 
 
 class ServerProcess:
@@ -28,7 +30,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--redis-url", redis_url,
-                    "--port", str(self.port), *TEST_ENGINE_FLAGS, *TEST_TRAINER_FLAGS, *(extra or [])]
+                    "--port", str(self.port), *TEST_ENGINE_FLAGS, *TEST_WORKER_FLAGS,
+                    *TEST_TRAINER_FLAGS, *(extra or [])]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 240.0) -> ServerProcess:
@@ -72,7 +75,8 @@ class WorkerProcess:
                  extra: list[str] | None = None) -> None:
         self.log_path = log_path
         self.cmd = [sys.executable, "-m", "server.cli", "worker", "--model", str(model_dir), "--redis-url", redis_url,
-                    "--api-url", api_url, "--dtype", "float32", *TEST_TRAINER_FLAGS, *(extra or [])]
+                    "--api-url", api_url, "--dtype", "float32", *TEST_WORKER_FLAGS, *TEST_TRAINER_FLAGS,
+                    *(extra or [])]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 120.0) -> WorkerProcess:

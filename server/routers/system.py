@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 
-from server.deps import ServicesDep
+from server.deps import ServicesDep, get_tenant
 from server.metrics import METRICS
 from server.protocol import ModelCard, ModelList
 from server.store import StoreUnavailable
@@ -15,7 +15,7 @@ router = APIRouter()
 _STARTED = int(time.time())
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", dependencies=[Depends(get_tenant)])
 async def list_models(services: ServicesDep) -> ModelList:
     return ModelList(data=[ModelCard(id=services.settings.model_name, created=_STARTED, owned_by="tmem")])
 

@@ -204,5 +204,7 @@ def test_metrics_expose_the_promised_series(server) -> None:
     text = httpx.get(f"{server.url}/metrics").text
     for name in ["tmem_time_to_first_token_seconds", "tmem_update_lag_seconds", "tmem_extraction_failures_total",
                  "tmem_training_loss", "tmem_adapters_resident", "tmem_update_queue_depth", "tmem_updates_total",
-                 "tmem_completion_tokens_total"]:
+                 "tmem_completion_tokens_total", "tmem_requests_total"]:
         assert name in text
+    assert 'tmem_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert "s-" not in text.split("tmem_requests_total", 1)[1].split("\n# ", 1)[0]  # no session ids as labels

@@ -1,0 +1,196 @@
+"""Batched multi-session updates, frozen-prefix reuse and the answer-only head against the reference trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from adapters.batched import BatchedTrainer, b_tolerance, update_many
+from adapters.fast_weights import FastWeightModel, SessionB
+from adapters.spec import FastWeightSpec
+from adapters.supervision import encode_pairs
+from adapters.tiny_model import build_tiny_model
+from adapters.trainer import OnlineTrainer, TrainerConfig, UpdateResult, answer_loss
+
+SPEC = FastWeightSpec(last_layers=2)  # blocks 2 and 3 of 4: blocks 0-1 are the reusable prefix
+# Per-token loss equality: the same float32 math summed in a different order.
+LOSS_ATOL = 1e-5
+
+
+@dataclass(frozen=True)
+class Pair:
+    instruction: str
+    output: str
+
+
+PAIRS = [Pair(f"What did {name} do on {day}?", f"{name} went to {place} with a friend.")
+         for name, day, place in [("Alice", "Monday", "Paris"), ("Bob", "Friday", "the park"),
+                                  ("Carol", "Sunday", "the museum"), ("David", "Tuesday", "Tokyo"),
+                                  ("Emma", "Saturday", "the lake"), ("Frank", "Thursday", "Berlin"),
+                                  ("Grace", "Wednesday", "the library"), ("Henry", "Monday", "Rome")]]
+# Pair counts per session: with batch 3, sessions take 3, 1, 3 and 2 steps per epoch.
+COUNTS = (7, 2, 8, 5)
+# lr far above the paper's so that B moves well clear of the tolerance in a few steps.
+CONFIGS = {"sgd": TrainerConfig(optimizer="sgd", lr=5e-2, epochs=3, batch_size=3),
+           "adam": TrainerConfig(optimizer="adam", lr=1e-2, epochs=3, batch_size=3)}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), layers=4, hidden=128, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir: Path):
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def fast(model_dir: Path) -> FastWeightModel:
+    return FastWeightModel(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), SPEC)
+
+
+def random_b(fast: FastWeightModel, seed: int, scale: float = 0.05) -> SessionB:
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(t.shape, generator=gen) * scale for n, t in fast.zero_b().items()}
+
+
+def sessions(fast: FastWeightModel) -> list[tuple[SessionB, list[Pair]]]:
+    """Sessions with different pair counts, each starting from its own non-zero B."""
+    return [(random_b(fast, seed=i), (PAIRS[i:] + PAIRS[:i])[:n]) for i, n in enumerate(COUNTS)]
+
+
+def one_by_one(fast: FastWeightModel, tokenizer, items, cfg: TrainerConfig) -> list[UpdateResult]:
+    trainer = OnlineTrainer(fast, tokenizer, cfg)
+    return [trainer.update(b, pairs) for b, pairs in items]
+
+
+def assert_same_update(got: UpdateResult, ref: UpdateResult, start: SessionB,
+                       cfg: TrainerConfig = CONFIGS["sgd"]) -> None:
+    assert got.applied and ref.applied, (got.reason, ref.reason)
+    assert got.steps == ref.steps and got.examples == ref.examples
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(ref.losses), atol=LOSS_ATOL, rtol=0)
+    atol = b_tolerance(cfg)
+    moved = max(float((ref.b[n] - start[n]).abs().max()) for n in start)
+    assert moved > 100 * atol  # B really trained, so matching within the tolerance is not trivial
+    for name in ref.b:
+        torch.testing.assert_close(got.b[name], ref.b[name], atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def references(fast: FastWeightModel, tokenizer) -> dict[str, list[UpdateResult]]:
+    return {opt: one_by_one(fast, tokenizer, sessions(fast), cfg) for opt, cfg in CONFIGS.items()}
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_batched_update_equals_one_by_one(fast: FastWeightModel, tokenizer, references, opt: str) -> None:
+    items = sessions(fast)
+    before = [{n: t.clone() for n, t in b.items()} for b, _ in items]
+    results = update_many(fast, tokenizer, items, CONFIGS[opt])
+    assert [r.steps for r in results] == [3 * s for s in (3, 1, 3, 2)]
+    for got, ref, (b, _), start in zip(results, references[opt], items, before, strict=True):
+        assert_same_update(got, ref, start, CONFIGS[opt])
+        assert all(torch.equal(b[n], start[n]) for n in b)  # the caller's B is never modified
+
+
+def test_single_session_update_equals_online_trainer(fast: FastWeightModel, tokenizer, references) -> None:
+    b, pairs = sessions(fast)[2]
+    got = BatchedTrainer(fast, tokenizer, CONFIGS["sgd"]).update(b, pairs)
+    assert_same_update(got, references["sgd"][2], b)
+
+
+def test_prefix_reuse_equals_naive_and_skips_the_prefix(fast: FastWeightModel, tokenizer) -> None:
+    items, cfg = sessions(fast), CONFIGS["sgd"]
+    calls = {"prefix block": 0}
+
+    def count(*_: object) -> None:
+        calls["prefix block"] += 1
+
+    handle = fast.model.get_decoder().layers[0].register_forward_pre_hook(count)
+    try:
+        reused = BatchedTrainer(fast, tokenizer, cfg, reuse_prefix=True).update_many(items)
+        reused_calls = calls["prefix block"]
+        naive = BatchedTrainer(fast, tokenizer, cfg, reuse_prefix=False).update_many(items)
+        naive_calls = calls["prefix block"] - reused_calls
+    finally:
+        handle.remove()
+    assert reused_calls == 1  # one no-grad pass over every session's examples
+    assert naive_calls == max(r.steps for r in naive)  # the naive route runs block 0 every joint step
+    for got, ref, (b, _) in zip(reused, naive, items, strict=True):
+        assert_same_update(got, ref, b)
+
+
+def test_prefix_losses_equal_the_model_forward(fast: FastWeightModel, tokenizer) -> None:
+    trainer = BatchedTrainer(fast, tokenizer)
+    reference = OnlineTrainer(fast, tokenizer)
+    batches = [encode_pairs(tokenizer, PAIRS[:n], 512) for n in (3, 5)]
+    bs = [random_b(fast, seed=10), random_b(fast, seed=11)]
+    got = trainer.batch_losses(bs, batches)
+    with torch.no_grad():
+        expected = [float(reference.batch_loss(b, batch)) for b, batch in zip(bs, batches, strict=True)]
+    assert got == pytest.approx(expected, abs=LOSS_ATOL)
+    assert abs(got[0] - trainer.batch_losses([fast.zero_b()], batches[:1])[0]) > 100 * LOSS_ATOL
+
+
+def test_head_at_answers_equals_full_vocab_head(fast: FastWeightModel, tokenizer) -> None:
+    trainer = BatchedTrainer(fast, tokenizer)
+    examples = encode_pairs(tokenizer, PAIRS, 512)
+    b = random_b(fast, seed=5)
+    full = answer_loss(fast, b, examples, trainer.pad_id)  # logits at every position, ignore_index loss
+    assert trainer.batch_losses([b], [examples]) == pytest.approx([full], abs=LOSS_ATOL)
+
+
+def test_nan_session_is_rejected_alone(fast: FastWeightModel, tokenizer, references) -> None:
+    items = sessions(fast)
+    poisoned = {n: torch.full_like(t, float("nan")) for n, t in items[1][0].items()}
+    items[1] = (poisoned, items[1][1])
+    items.append((fast.zero_b(), []))  # nothing to train on: not applied, and no harm to the others
+    results = update_many(fast, tokenizer, items, CONFIGS["sgd"])
+    assert not results[1].applied and "loss is nan at step 1" in (results[1].reason or "")
+    assert results[1].b is poisoned and results[1].steps == 0
+    assert not results[4].applied and "no trainable pairs" in (results[4].reason or "")
+    for k in (0, 2, 3):
+        assert_same_update(results[k], references["sgd"][k], items[k][0])
+
+
+def test_session_whose_b_blows_up_is_rejected_alone(fast: FastWeightModel, tokenizer) -> None:
+    items = sessions(fast)[:2]
+    items[0] = ({n: t * 1e30 for n, t in items[0][0].items()}, items[0][1])  # overflows in the forward
+    cfg = CONFIGS["sgd"]
+    results = update_many(fast, tokenizer, items, cfg)
+    alone = one_by_one(fast, tokenizer, items, cfg)
+    assert not results[0].applied and not alone[0].applied
+    assert results[0].reason == alone[0].reason
+    assert_same_update(results[1], alone[1], items[1][0])
+
+
+class _RecordingTrainer(BatchedTrainer):
+    """Records the size of every group it trains together."""
+
+    groups: list[int]
+
+    def _update_group(self, items, cfg):  # type: ignore[no-untyped-def]
+        self.groups = [*getattr(self, "groups", []), len(items)]
+        return super()._update_group(items, cfg)
+
+
+def test_group_size_cap_chunks_and_gives_the_same_results(fast: FastWeightModel, tokenizer, references) -> None:
+    items = sessions(fast)
+    capped = _RecordingTrainer(fast, tokenizer, CONFIGS["adam"], max_group_size=3)
+    results = capped.update_many(items)
+    assert capped.groups == [3, 1]
+    for got, ref, (b, _) in zip(results, references["adam"], items, strict=True):
+        assert_same_update(got, ref, b, CONFIGS["adam"])
+    with pytest.raises(ValueError, match="max_group_size"):
+        BatchedTrainer(fast, tokenizer, max_group_size=0)
+
+
+def test_malformed_b_is_refused_before_any_work(fast: FastWeightModel, tokenizer) -> None:
+    good, bad = fast.zero_b(), fast.zero_b()
+    bad.pop(next(iter(bad)))
+    with pytest.raises(ValueError, match="spec"):
+        update_many(fast, tokenizer, [(good, PAIRS[:2]), (bad, PAIRS[:2])])
