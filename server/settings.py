@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -14,6 +15,15 @@ from adapters.trainer import TrainerConfig
 
 UpdatePolicy = Literal["every-turn", "context-budget"]
 _PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "password", "your-api-key", "sk-xxx", "example", "test"}
+
+
+def _comma_or_json_list(value: object) -> object:
+    """Environment lists as `a,b,c` or as a JSON array `["a", "b", "c"]`."""
+    if not isinstance(value, str):
+        return value
+    if value.strip().startswith("["):
+        return tuple(str(v) for v in json.loads(value))
+    return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def check_api_key(key: str) -> str:
@@ -104,12 +114,12 @@ class Settings(BaseSettings):
     @field_validator("target_modules", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:
-        return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+        return _comma_or_json_list(value)
 
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
-        return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+        return _comma_or_json_list(value)
 
     @field_validator("api_keys")
     @classmethod

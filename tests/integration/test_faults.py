@@ -137,6 +137,48 @@ def test_redis_going_away_gives_503_for_sessions_and_stateless_still_works(api, 
     assert session_info(api.url, sid)["turns"] == 4  # the turn acknowledged before the outage survived (AOF)
 
 
+def test_a_corrupted_checkpoint_is_refused_and_the_previous_version_served(
+        api, redis_faults, tiny_model_dir, artifacts, sid) -> None:
+    from adapters.checkpoint import decode_b
+    from server.trainer_runtime import TrainerRuntime
+
+    runtime = TrainerRuntime.load(Settings(model=str(tiny_model_dir), a0_cache_dir=artifacts / "a0"))
+    import torch
+
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(2):
+        write_version(redis_faults.url, sid, runtime,
+                      {n: torch.randn(t.shape, generator=gen) * 0.05 for n, t in runtime.zero_b().items()})
+    client = redis.Redis.from_url(redis_faults.url)
+    key = f"tmem:{{default:{sid}}}:ckpt:2"
+    data = bytearray(client.hget(key, "data"))
+    data[-3] ^= 0xFF  # one flipped bit-pattern in the tensor bytes: the sha256 no longer matches
+    client.hset(key, "data", bytes(data))
+    faults_before = _metric(api, "tmem_checkpoint_faults_total")
+
+    _, version = greedy(api.url, "What do you remember?", sid)
+    assert version == 1  # v2 is refused; the newest version that verifies is served
+    assert _metric(api, "tmem_checkpoint_faults_total") == faults_before + 1
+
+    # The next update builds on v1 (never on the corrupt v2) and publishes a verified v3.
+    survivor = worker("after-corrupt", tiny_model_dir, redis_faults.url, api, artifacts)
+    try:
+        teach(api, sid)
+        assert flush(api, sid) == 3
+    finally:
+        survivor.stop()
+    stored = store_call(redis_faults.url, "get_checkpoint", "default", sid, 3)
+    assert decode_b(stored.data, stored.sha256)  # verifies
+    assert greedy(api.url, PAIRS[0][0], sid)[1] == 3
+
+
+def _metric(server: ServerProcess, name: str) -> float:
+    for line in httpx.get(f"{server.url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_a_new_server_process_on_the_same_redis_serves_the_same_version_and_output(
         api, redis_faults, tiny_model_dir, artifacts, sid) -> None:
     from server.trainer_runtime import TrainerRuntime

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +36,18 @@ PAIRS = [Pair(f"What did {name} do on {day}?", f"{name} went to {place} with a f
 # Pair counts per session: with batch 3, sessions take 3, 1, 3 and 2 steps per epoch.
 COUNTS = (7, 2, 8, 5)
 # lr far above the paper's so that B moves well clear of the tolerance in a few steps.
-CONFIGS = {"sgd": TrainerConfig(optimizer="sgd", lr=5e-2, epochs=3, batch_size=3),
-           "adam": TrainerConfig(optimizer="adam", lr=1e-2, epochs=3, batch_size=3)}
+CONFIGS = {"sgd": TrainerConfig(optimizer="sgd", lr=5e-2, epochs=2, batch_size=3),
+           "adam": TrainerConfig(optimizer="adam", lr=1e-2, epochs=2, batch_size=3)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tensors here are tiny: a second intra-op thread only adds sync, and on a loaded 2-core machine the
+    spinning pool made this module 10-20x slower (measured 4 s with one thread vs 40-90 s with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +102,7 @@ def test_batched_update_equals_one_by_one(fast: FastWeightModel, tokenizer, refe
     items = sessions(fast)
     before = [{n: t.clone() for n, t in b.items()} for b, _ in items]
     results = update_many(fast, tokenizer, items, CONFIGS[opt])
-    assert [r.steps for r in results] == [3 * s for s in (3, 1, 3, 2)]
+    assert [r.steps for r in results] == [CONFIGS[opt].epochs * s for s in (3, 1, 3, 2)]
     for got, ref, (b, _), start in zip(results, references[opt], items, before, strict=True):
         assert_same_update(got, ref, start, CONFIGS[opt])
         assert all(torch.equal(b[n], start[n]) for n in b)  # the caller's B is never modified
