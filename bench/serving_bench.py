@@ -3,13 +3,13 @@
     python -m bench.serving_bench --out DIR [--model DIR] [--max-tokens 64] [--turns 3] [--skip-vllm]
 
 The two servers run one after the other, never together (a small machine has no cores to spare). At
-concurrency 1 and 8 each gets the same stateless load (the client resends the history, same system
-message, temperature 0): that is the fair comparison, reported as ratios ours/vLLM (the goal: TTFT
-≤ 1.05, throughput ≥ 0.95). Ours then runs the same conversations as sessions (every-turn updates
-training beside serving), which gives the update lag, and a hot-swap probe teaches a pair, flushes and
-chats, because the random tiny model's extraction finds nothing to learn in chat turns and so never
-makes a new adapter version on its own. Progress goes to stderr; stdout gets the table and, last,
-one JSON line of headline figures. results.json and serving_bench.png go to --out.
+concurrency 1 and 8 each gets the same stateless load (the client resends the history; same system
+message; temperature 1 with a seed per request): that is the fair comparison, reported as ratios
+ours/vLLM (the goal: TTFT ≤ 1.05, throughput ≥ 0.95). Ours then runs the same conversations as sessions
+(every-turn updates training beside serving), which gives the update lag, and a hot-swap probe teaches
+a pair, flushes and chats, because the random tiny model's extraction finds nothing to learn in chat
+turns and so never makes a new adapter version on its own. Progress goes to stderr; stdout gets the
+table and, last, one JSON line of headline figures. results.json and serving_bench.png go to --out.
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ def vllm_command(model: Path, port: int) -> list[str]:
 def measure(url: str, label: str, sessions: bool, concurrency: int, args: argparse.Namespace) -> dict[str, Any]:
     """One load run (loadtest's engine) → its summary; 4 sessions per concurrency slot, at least 8."""
     n_sessions = max(8, 4 * concurrency)
-    # Sampled with a fixed seed per request, not greedy: the random tiny model's greedy replies often
-    # decode to no visible text until the last token, which would make TTFT the whole reply's time.
+    # Sampled, with a seed per request: replies as a chat client gets them, yet reproducible and the same
+    # on both servers (same engine, same seeds), so both generate the same number of tokens.
     cfg = LoadConfig(sessions=n_sessions, turns=args.turns, concurrency=concurrency, duration_s=args.duration,
                      max_tokens=args.max_tokens, temperature=1.0, seed=0, lag_timeout_s=args.lag_timeout,
                      warmup=2, system=SYSTEM)

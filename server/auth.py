@@ -5,15 +5,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.errors import RateLimited, Unauthorized
+from server.errors import Forbidden, RateLimited, Unauthorized
 from server.settings import Settings, check_api_key
 
 log = logging.getLogger(__name__)
 OPEN_TENANT = "default"
+# A key configured as `*=<key>` is a service key (the standalone worker's): it acts for the tenant it
+# names in `X-TMEM-Tenant`, and for no tenant of its own.
+SERVICE_TENANT = "*"
+_TENANT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -34,8 +39,8 @@ class KeyRing:
     def enabled(self) -> bool:
         return bool(self.entries)
 
-    def tenant_for(self, authorization: str | None) -> str:
-        """The tenant of a `Bearer <key>` header; 401 for a missing or unknown key."""
+    def tenant_for(self, authorization: str | None, acting_for: str | None = None) -> str:
+        """The tenant of a `Bearer <key>` header (a service key's named tenant); 401 for a missing or unknown key."""
         if not self.enabled:
             return OPEN_TENANT
         scheme, _, presented = (authorization or "").partition(" ")
@@ -48,6 +53,12 @@ class KeyRing:
                 found = tenant
         if found is None:
             raise Unauthorized("Incorrect API key provided.")
+        if found == SERVICE_TENANT:
+            if not acting_for or not _TENANT_RE.match(acting_for):
+                raise Forbidden("a service key must name its tenant in X-TMEM-Tenant", param="X-TMEM-Tenant")
+            return acting_for
+        if acting_for and acting_for != found:
+            raise Forbidden("only a service key may act for another tenant", param="X-TMEM-Tenant")
         return found
 
 

@@ -51,13 +51,14 @@ def get_services(request: Request) -> Services:
     return services
 
 
-async def get_tenant(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+async def get_tenant(request: Request, authorization: Annotated[str | None, Header()] = None,
+                     x_tmem_tenant: Annotated[str | None, Header()] = None) -> str:
     """The caller's tenant from its API key (401 otherwise), counted against its rate limit (429)."""
     cached: str | None = getattr(request.state, "tenant", None)
     if cached is not None:
         return cached
     auth: Auth = request.app.state.auth
-    tenant = auth.keys.tenant_for(authorization)
+    tenant = auth.keys.tenant_for(authorization, x_tmem_tenant)
     await auth.limiter.admit(tenant)
     request.state.tenant = tenant
     return tenant

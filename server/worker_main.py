@@ -28,12 +28,13 @@ class HttpGenerator:
 
     async def generate(self, tenant: str, sid: str, version: int, messages: list[dict[str, str]],
                        max_tokens: int, json_schema: dict[str, Any] | None = None) -> str:
-        del tenant, version  # the replica serves the caller's tenant at the session's live version
+        del version  # the replica serves the session's live version
         body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
         if json_schema is not None:
             schema = {"name": "qa_pairs", "schema": json_schema}
             body["response_format"] = {"type": "json_schema", "json_schema": schema}
-        headers = {"X-Session-ID": sid, "X-TMEM-Record": "false"}
+        # With keys configured, --api-key is a service key (`*=<key>`) acting for the session's tenant.
+        headers = {"X-Session-ID": sid, "X-TMEM-Record": "false", "X-TMEM-Tenant": tenant}
         response = await self.client.post("/v1/chat/completions", json=body, headers=headers)
         if response.status_code == 400 and json_schema is not None:
             # A replica whose engine lacks structured output: the tolerant parser copes with free text.

@@ -16,7 +16,7 @@ from server_proc import ServerProcess
 
 pytestmark = pytest.mark.engine
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef0", "carol": "carol-key-0123456789abcd",
-        "dave": "dave-key-0123456789abcdef"}
+        "dave": "dave-key-0123456789abcdef", "*": "service-key-0123456789abcdef"}
 PREFIX = "tmemauth"
 
 
@@ -134,3 +134,12 @@ def test_rate_limit_is_429_with_retry_after(keyed) -> None:
     assert 1 <= int(limited[0].headers["Retry-After"]) <= 60
     assert limited[0].json()["error"]["type"] == "rate_limit_error"
     assert call(keyed, "alice", "GET", "/v1/models").status_code == 200  # limits are per key
+
+
+def test_a_service_key_reaches_a_tenant_only_by_naming_it(keyed) -> None:
+    ingest = {"messages": [{"role": "user", "content": "Remember me."}]}
+    assert call(keyed, "alice", "POST", "/v1/sessions/svc/messages", json=ingest).status_code == 200
+    as_alice = call(keyed, "*", "GET", "/v1/sessions/svc", headers={"X-TMEM-Tenant": "alice"})
+    assert as_alice.status_code == 200 and as_alice.json()["turns"] == 1
+    assert call(keyed, "*", "GET", "/v1/sessions/svc").status_code == 403
+    assert call(keyed, "bob", "GET", "/v1/sessions/svc", headers={"X-TMEM-Tenant": "alice"}).status_code == 403

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapters.batched import BatchedTrainer, b_tolerance, update_many
+from adapters.batched import BatchedTrainer, UpdateItem, b_tolerance, update_many
 from adapters.fast_weights import FastWeightModel, SessionB
 from adapters.spec import FastWeightSpec
 from adapters.supervision import encode_pairs
@@ -184,7 +184,7 @@ class _RecordingTrainer(BatchedTrainer):
 
     groups: list[int]
 
-    def _update_group(self, items, cfg):  # type: ignore[no-untyped-def]
+    def _update_group(self, items: Sequence[UpdateItem], cfg: TrainerConfig) -> list[UpdateResult]:
         self.groups = [*getattr(self, "groups", []), len(items)]
         return super()._update_group(items, cfg)
 
