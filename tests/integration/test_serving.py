@@ -208,3 +208,21 @@ def test_metrics_expose_the_promised_series(server) -> None:
         assert name in text
     assert 'tmem_requests_total{route="/v1/chat/completions",status="200"}' in text
     assert "s-" not in text.split("tmem_requests_total", 1)[1].split("\n# ", 1)[0]  # no session ids as labels
+
+
+def test_concurrent_updates_of_two_sessions_never_mix(server, sid) -> None:
+    import threading
+
+    a, b = f"{sid}-a", f"{sid}-b"
+    taught = {a: [("What is my favorite fruit?", "Your favorite fruit is mango.")],
+              b: [("What is my favorite fruit?", "Your favorite fruit is a pear.")]}
+    versions: dict[str, int] = {}
+    threads = [threading.Thread(target=lambda s=s: versions.__setitem__(s, teach_and_flush(server.url, s, taught[s])))
+               for s in (a, b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert versions == {a: 1, b: 1}
+    assert greedy(server.url, "What is my favorite fruit?", a)[0] == "Your favorite fruit is mango."
+    assert greedy(server.url, "What is my favorite fruit?", b)[0] == "Your favorite fruit is a pear."

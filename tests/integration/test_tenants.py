@@ -26,7 +26,9 @@ def keyed(tiny_model_dir: Path, redis_main, artifacts: Path, server: ServerProce
     proc = ServerProcess(tiny_model_dir, redis_main.url, artifacts / "server-keys.log", extra=[
         "--api-keys", keys, "--require-auth", "--redis-prefix", PREFIX, "--rate-limit-rpm", "40",
         "--max-sessions-per-tenant", "3", "--max-request-bytes", "65536",
-        "--adapter-dir", str(artifacts / "adapters-keys")]).start()
+        "--adapter-dir", str(artifacts / "adapters-keys"),
+        # This server also exercises the paper's trigger: update once the unabsorbed text passes the budget.
+        "--update-policy", "context-budget", "--context-tokens", "400"]).start()
     yield proc
     proc.stop()
 
@@ -143,3 +145,23 @@ def test_a_service_key_reaches_a_tenant_only_by_naming_it(keyed) -> None:
     assert as_alice.status_code == 200 and as_alice.json()["turns"] == 1
     assert call(keyed, "*", "GET", "/v1/sessions/svc").status_code == 403
     assert call(keyed, "bob", "GET", "/v1/sessions/svc", headers={"X-TMEM-Tenant": "alice"}).status_code == 403
+
+
+def test_context_budget_policy_updates_only_once_the_budget_is_passed(keyed) -> None:
+    import time
+
+    short = {"messages": [{"role": "user", "content": "I like tea."}]}
+    assert call(keyed, "bob", "POST", "/v1/sessions/budget/messages", json=short).status_code == 200
+    time.sleep(2.0)
+    info = call(keyed, "bob", "GET", "/v1/sessions/budget").json()
+    assert info["pending_updates"] == 1  # under the budget: kept in the prompt, not absorbed yet
+    long_text = " ".join(f"On day {i} I walked to the old harbour and met my friend Sam." for i in range(40))
+    big = {"messages": [{"role": "user", "content": long_text}]}
+    assert call(keyed, "bob", "POST", "/v1/sessions/budget/messages", json=big).status_code == 200
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # no flush: the policy itself must queue the update
+        info = call(keyed, "bob", "GET", "/v1/sessions/budget").json()
+        if info["pending_updates"] == 0:
+            break
+        time.sleep(0.5)
+    assert info["pending_updates"] == 0 and info["turns"] == 2

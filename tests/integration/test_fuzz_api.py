@@ -1,0 +1,317 @@
+"""Schemathesis against the shared server's own OpenAPI spec: every answer keeps the contract clients rely on.
+
+Each operation gets a fixed, derandomized budget of generated requests (valid and invalid ones:
+schemathesis' positive and negative modes), and every response is held to:
+
+- no 5xx, except a 503 that says when to retry (``Retry-After``);
+- every 4xx/5xx body is OpenAI's error object, exactly ``{"error": {message, type, param, code}}``;
+- every response carries an ``x-request-id``; a stream that fails says so in the same shape, then ``[DONE]``;
+- a fuzzed session id never becomes a file name: the adapter directory holds digests only, and no
+  new entry in the directories the server writes to is named after a sent id.
+
+Keeping it short on 2 CPU cores (see :func:`cap_slow_work`): a generated ``max_tokens`` /
+``max_completion_tokens`` that would really be generated is lowered to :data:`MAX_GENERATED_TOKENS`
+and a chat body without either gets it, so no request decodes the server's default 256 tokens; values
+the context window cannot hold are left alone (they are a fast 400). A flush waits at most
+:data:`FLUSH_TIMEOUT_S` (a timeout is added when the body has none), so flushing a session with pending
+work answers a quick 503 ``flush_timeout`` instead of waiting for the worker. Shrinking is off, so a
+failure costs no extra engine calls; schemathesis prints the failing request as a curl command.
+Every session the fuzzer could have created is deleted afterwards, so its queued updates do not
+hold up the worker for the tests that follow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis import Case, CheckContext, GenerationMode, Response
+from schemathesis.core import NOT_SET
+from server_proc import TEST_ENGINE_FLAGS, ServerProcess
+
+from server.deps import SESSION_ID_RE
+
+pytestmark = pytest.mark.engine
+
+# The operations of the spec (the spec test below checks the list is complete) and whether each has a
+# request body: only a body can be made invalid; any path or header string is "valid" to the spec.
+OPERATIONS: dict[str, bool] = {
+    "POST /v1/chat/completions": True,
+    "GET /v1/models": False,
+    "GET /health": False,
+    "GET /metrics": False,
+    "GET /v1/sessions/{session_id}": False,
+    "POST /v1/sessions/{session_id}/messages": True,
+    "POST /v1/sessions/{session_id}/memories": True,
+    "POST /v1/sessions/{session_id}/flush": True,
+    "GET /v1/sessions/{session_id}/adapter": False,
+    "DELETE /v1/sessions/{session_id}": False,
+}
+EXAMPLES_PER_OPERATION = 24  # split evenly between valid and invalid bodies where there is a body
+RUNS = [
+    pytest.param(label, mode, EXAMPLES_PER_OPERATION // (2 if has_body else 1), id=f"{label}-{mode.value}")
+    for label, has_body in OPERATIONS.items()
+    for mode in ([GenerationMode.POSITIVE, GenerationMode.NEGATIVE] if has_body else [GenerationMode.POSITIVE])
+]
+# A fixed budget: derandomized (same requests every run), no example database, no shrinking (a
+# failure costs no extra engine calls; schemathesis prints it as a curl command), no deadline.
+FUZZ_SETTINGS = settings(
+    derandomize=True,
+    database=None,
+    deadline=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+    print_blob=False,
+)
+MAX_GENERATED_TOKENS = 4
+FLUSH_TIMEOUT_S = 1.0
+MAX_MODEL_LEN = int(TEST_ENGINE_FLAGS[TEST_ENGINE_FLAGS.index("--max-model-len") + 1])
+ERROR_KEYS = {"message", "type", "param", "code"}
+ADAPTER_ENTRY = re.compile(r"\.?[0-9a-f]{24}-v\d+(-[A-Za-z0-9_]+)?")  # a version, or its mkdtemp staging dir
+# Shorter pieces of an id would match unrelated file names by chance.
+MIN_NEEDLE = 6
+
+
+def load_schema(server: ServerProcess) -> Any:
+    """The server's own spec, with streams read to their end ([DONE] included)."""
+    config = schemathesis.Config.from_dict({"max-stream-events": 1000})
+    return schemathesis.openapi.from_url(f"{server.url}/openapi.json", config=config)
+
+
+@dataclass
+class FuzzRecord:
+    """Where the server writes, what was there before the fuzzing, which session ids were sent, what came back."""
+
+    adapter_dirs: list[Path]
+    roots: list[Path]
+    before: set[Path]
+    sent_ids: set[str] = field(default_factory=set)
+    statuses: defaultdict[str, Counter[int]] = field(default_factory=lambda: defaultdict(Counter))
+
+    @classmethod
+    def start(cls, server: ServerProcess) -> FuzzRecord:
+        assert server.proc is not None
+        pid = server.proc.pid
+        tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+        adapter_dirs = [Path("/dev/shm") / f"tmem-adapters-{pid}", tmp / f"tmem-adapters-{pid}"]
+        roots = [server.log_path.parent, Path.cwd(), tmp, Path("/dev/shm"), *adapter_dirs]
+        record = cls(adapter_dirs, roots, set())
+        record.before = record.entries()
+        return record
+
+    def entries(self) -> set[Path]:
+        """Top-level entries of every root, and everything under the artifacts and adapter directories."""
+        found: set[Path] = set()
+        deep = {self.roots[0], *self.adapter_dirs}
+        for root in self.roots:
+            if not root.is_dir():
+                continue
+            if root in deep:
+                found.update(_walk(root))
+            else:
+                found.update(_listdir(root))
+        return found
+
+    def new_entries(self) -> set[Path]:
+        return self.entries() - self.before
+
+
+def _listdir(root: Path) -> list[Path]:
+    try:
+        return list(root.iterdir())
+    except OSError:  # vanished or unreadable meanwhile
+        return []
+
+
+def _walk(root: Path) -> list[Path]:
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        out.extend(Path(dirpath) / name for name in (*dirnames, *filenames))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fuzz_record(server: ServerProcess) -> Iterator[FuzzRecord]:
+    record = FuzzRecord.start(server)
+    yield record
+    # Sessions the fuzzer created would keep the shared worker busy with their updates.
+    for sid in sorted(record.sent_ids):
+        if SESSION_ID_RE.match(sid):  # what the server accepts, whatever the contract says
+            httpx.delete(f"{server.url}/v1/sessions/{quote(sid, safe='')}", timeout=30)
+
+
+@pytest.fixture(scope="module")
+def api_schema(server: ServerProcess) -> Any:
+    return load_schema(server)
+
+
+# --- checks, run on every response -------------------------------------------------------------
+
+
+def _error_object(response: Response) -> dict[str, Any]:
+    """The ``error`` member of an OpenAI error body, after checking the shape is exactly that."""
+    content_type = response.headers.get("content-type", [""])[0]
+    assert content_type.startswith("application/json"), f"error body is {content_type!r}, not JSON"
+    body = json.loads(response.content)
+    assert isinstance(body, dict) and set(body) == {"error"}, f"not OpenAI's error shape: {body!r}"
+    error = body["error"]
+    assert isinstance(error, dict) and set(error) == ERROR_KEYS, f"error keys {sorted(error)} != {sorted(ERROR_KEYS)}"
+    assert isinstance(error["message"], str) and error["message"], error
+    assert isinstance(error["type"], str) and error["type"], error
+    assert error["param"] is None or isinstance(error["param"], str), error
+    assert error["code"] is None or isinstance(error["code"], str | int), error
+    return error
+
+
+def no_server_error(ctx: CheckContext, response: Response, case: Case) -> None:
+    """A 5xx is a bug, except a 503 that tells the client when to retry."""
+    if response.status_code < 500:
+        return
+    assert response.status_code == 503, f"{response.status_code}: {response.content[:500]!r}"
+    retry_after = response.headers.get("retry-after", [""])[0]
+    assert retry_after.isdigit(), f"503 without a whole-second Retry-After ({retry_after!r})"
+
+
+def openai_error_shape(ctx: CheckContext, response: Response, case: Case) -> None:
+    if response.status_code >= 400:
+        _error_object(response)
+
+
+def request_id_header(ctx: CheckContext, response: Response, case: Case) -> None:
+    request_id = response.headers.get("x-request-id", [""])[0]
+    assert request_id, f"{response.status_code} response without an x-request-id"
+
+
+def stream_ends_cleanly(ctx: CheckContext, response: Response, case: Case) -> None:
+    """A stream ends with [DONE]; an error in it is OpenAI-shaped and never an internal error."""
+    content_type = response.headers.get("content-type", [""])[0]
+    if response.status_code != 200 or not content_type.startswith("text/event-stream"):
+        return
+    events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events and events[-1] == "[DONE]", f"stream does not end with [DONE]: {events[-3:]}"
+    for event in events[:-1]:
+        payload = json.loads(event)
+        if "error" in payload:
+            error = payload["error"]
+            assert set(payload) == {"error"} and set(error) == ERROR_KEYS, f"stream error shape: {payload!r}"
+            assert error["type"] != "server_error", f"internal error in a stream: {error!r}"
+
+
+CHECKS = [no_server_error, openai_error_shape, request_id_header, stream_ends_cleanly]
+
+
+def session_ids_create_no_files(record: FuzzRecord, sent: list[str]) -> None:
+    new = record.new_entries()
+    for path in new:
+        if path.parent in record.adapter_dirs:
+            assert ADAPTER_ENTRY.fullmatch(path.name), f"adapter directory entry is not a digest: {path}"
+    needles = {piece for sid in sent for piece in re.split(r"[/\\\x00]", sid) if len(piece.strip(". ")) >= MIN_NEEDLE}
+    for path in new:
+        for needle in needles:
+            assert needle not in path.name, f"session id {needle!r} became a file name: {path}"
+
+
+# --- the fuzzing ---------------------------------------------------------------------------------
+
+
+def _sent_session_ids(case: Case) -> list[str]:
+    """The ids as the server reads them (schemathesis percent-encodes path parameters itself)."""
+    ids = [unquote(str(v)) for k, v in case.path_parameters.items() if k == "session_id"]
+    header = case.headers.get("x-session-id") if case.headers else None
+    if isinstance(header, str):
+        ids.append(header)
+    return ids
+
+
+def _cap(value: Any) -> Any:
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    return MAX_GENERATED_TOKENS if is_int and MAX_GENERATED_TOKENS < value <= MAX_MODEL_LEN else value
+
+
+def cap_slow_work(case: Case) -> None:
+    """Bound the engine time and waiting one case can cost (see the module docstring)."""
+    if case.operation.path == "/v1/chat/completions" and isinstance(case.body, dict):
+        body = dict(case.body)
+        for key in ("max_tokens", "max_completion_tokens"):
+            body[key] = _cap(body.get(key))
+        if body["max_tokens"] is None and body["max_completion_tokens"] is None:
+            body["max_completion_tokens"] = MAX_GENERATED_TOKENS
+        case.body = {k: v for k, v in body.items() if k in case.body or v is not None}
+    elif case.operation.path.endswith("/flush"):
+        if case.body is NOT_SET or case.body is None:  # no body: the server would wait its default 300 s
+            case.body, case.media_type = {"timeout": FLUSH_TIMEOUT_S}, "application/json"
+        elif isinstance(case.body, dict) and _number(case.body.get("timeout")) > FLUSH_TIMEOUT_S:
+            case.body = {**case.body, "timeout": FLUSH_TIMEOUT_S}
+
+
+def _number(value: Any) -> float:
+    """A JSON number as a float; anything else as 0 (the server rejects it before waiting)."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
+@pytest.mark.parametrize(("label", "mode", "examples"), RUNS)
+def test_every_response_keeps_the_contract(
+    label: str, mode: GenerationMode, examples: int, api_schema: Any, fuzz_record: FuzzRecord
+) -> None:
+    method, path = label.split(" ", 1)
+    operation = api_schema[path][method]
+
+    @settings(FUZZ_SETTINGS, max_examples=examples)
+    @given(case=operation.as_strategy(mode))
+    def fuzz(case: Case) -> None:
+        cap_slow_work(case)
+        sent = _sent_session_ids(case)
+        fuzz_record.sent_ids.update(sent)
+        response = case.call_and_validate(checks=CHECKS, timeout=60)
+        fuzz_record.statuses[label][response.status_code] += 1
+        session_ids_create_no_files(fuzz_record, sent)
+
+    fuzz()
+
+
+def test_fuzzing_reached_the_success_paths(fuzz_record: FuzzRecord) -> None:
+    """The caps above must not turn every request into a 400: the operations that can succeed did."""
+    table = "\n".join(f"{label:45} {dict(sorted(counts.items()))}" for label, counts in fuzz_record.statuses.items())
+    print(f"\nstatus codes per fuzzed operation:\n{table}")
+    for label in ("POST /v1/chat/completions", "GET /v1/models", "GET /health", "GET /metrics",
+                  "POST /v1/sessions/{session_id}/messages", "POST /v1/sessions/{session_id}/memories"):
+        assert fuzz_record.statuses[label][200] > 0, f"{label} never succeeded:\n{table}"
+
+
+def test_server_survives_the_fuzzing(server: ServerProcess) -> None:
+    assert server.proc is not None and server.proc.poll() is None, server.log_tail()
+    health = httpx.get(f"{server.url}/health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "ok", health.text
+    reply = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "Still there?"}], "max_tokens": 2, "temperature": 0},
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_openapi_spec_is_valid_and_lists_chat_completions(server: ServerProcess) -> None:
+    loaded = load_schema(server)
+    loaded.validate()  # raises on a spec that breaks the OpenAPI meta-schema
+    operations = [result.ok() for result in loaded.get_all_operations()]  # .ok() raises on a malformed operation
+    labels = {f"{op.method.upper()} {op.path}" for op in operations}
+    assert labels == set(OPERATIONS), f"the spec changed: {sorted(labels ^ set(OPERATIONS))} (update OPERATIONS)"
+    spec = loaded.raw_schema
+    assert spec["openapi"].startswith("3.")
+    chat = spec["paths"]["/v1/chat/completions"]["post"]
+    assert "requestBody" in chat and chat["requestBody"]["required"] is True
+    body_schema = chat["requestBody"]["content"]["application/json"]["schema"]
+    ref = body_schema["$ref"].rsplit("/", 1)[-1]
+    assert {"messages"} <= set(spec["components"]["schemas"][ref]["properties"])
