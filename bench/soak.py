@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -30,7 +31,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,24 +76,14 @@ class Child:
         self.kill()
         raise RuntimeError(f"{self.cmd[3]} not ready within {timeout_s}s; see {self.log_path}")
 
-    def kill(self) -> None:
-        """SIGKILL: a crash, with no chance to ack, release a lock or clean up."""
-        self._signal(signal.SIGKILL, 10)
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 30 s."""
-        if not self._signal(signal.SIGTERM, 30):
-            self.kill()
-
-    def _signal(self, sig: signal.Signals, wait_s: float) -> bool:
-        if self.proc is None or self.proc.poll() is not None:
-            return True
-        os.killpg(self.proc.pid, sig)
-        try:
-            self.proc.wait(timeout=wait_s)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
+    def kill(self, sig: signal.Signals = signal.SIGKILL, wait_s: float = 10) -> None:
+        """SIGKILL by default: a crash, with no chance to ack, release a lock or clean up."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                self.kill()  # SIGTERM was not enough
 
 
 class Cluster:
@@ -117,10 +107,9 @@ class Cluster:
         self.start_worker()
 
     def _healthy(self) -> bool:
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             return httpx.get(f"{self.url}/health", timeout=2, trust_env=False).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return False
 
     def start_worker(self) -> None:
         path = self.out / "logs" / f"worker-{len(self.workers)}.log"
@@ -132,7 +121,7 @@ class Cluster:
 
     def close(self) -> None:
         for child in [*self.workers, self.server]:
-            child.stop()
+            child.kill(signal.SIGTERM, 30)
         self.redis.stop()
 
 
@@ -197,21 +186,12 @@ class SoakLoad(loadtest.LoadRun):
         self.lag.expire_all()
 
 
-@dataclass
-class FaultEvent:
-    """Something the soak did, at `t` seconds since the load started."""
-
-    t: float
-    kind: str  # teach | worker_kill | worker_ready | redis_stop | redis_start
-    note: str = ""
-
-
 class FaultSchedule:
     """Worker kills, the Redis restart and a few teach calls at fixed fractions of the run, one after another."""
 
     def __init__(self, cluster: Cluster, load: SoakLoad, duration_s: float, redis_down_s: float) -> None:
         self.cluster, self.load, self.duration_s, self.redis_down_s = cluster, load, duration_s, redis_down_s
-        self.events: list[FaultEvent] = []
+        self.events: list[dict[str, Any]] = []  # {t: seconds since the load started, kind, note}
         self.teach_statuses: list[tuple[float, int | None]] = []  # (t, HTTP status; None: no response)
 
     async def run(self) -> None:
@@ -223,7 +203,8 @@ class FaultSchedule:
             await action()
 
     def note(self, kind: str, note: str = "") -> None:
-        self.events.append(FaultEvent(self.load.now(), kind, note))
+        """Record an event: teach | worker_kill | worker_ready | redis_stop | redis_start."""
+        self.events.append({"t": self.load.now(), "kind": kind, "note": note})
 
     async def kill_worker(self) -> None:
         # Prefer a kill mid-update (the worker holds a session's lock): the crash that must not lose work.
@@ -249,7 +230,7 @@ class FaultSchedule:
         self.note("redis_start")
 
     async def teach(self) -> None:
-        n, taught = sum(e.kind == "teach" for e in self.events), min(2, self.load.cfg.sessions)
+        n, taught = sum(e["kind"] == "teach" for e in self.events), min(2, self.load.cfg.sessions)
         for i in range(taught):
             pairs = [{"instruction": f"What is my code word {n}.{j}?", "output": f"It is falcon-{i}-{n}-{j}."}
                      for j in range(3)]
@@ -263,8 +244,8 @@ class FaultSchedule:
 
     def outage(self) -> tuple[float, float] | None:
         """When a store_unavailable 503 is expected: from Redis' stop until a grace period after its start."""
-        stop = next((e.t for e in self.events if e.kind == "redis_stop"), None)
-        start = next((e.t for e in self.events if e.kind == "redis_start"), None)
+        stop = next((e["t"] for e in self.events if e["kind"] == "redis_stop"), None)
+        start = next((e["t"] for e in self.events if e["kind"] == "redis_start"), None)
         return None if stop is None or start is None else (stop, start + OUTAGE_GRACE_S)
 
 
@@ -291,7 +272,7 @@ def classify_errors(records: list[RequestRecord], teach: list[tuple[float, int |
     for rec in records:
         in_stream = rec.error == "stream_error"  # after a 200 status line: the error arrives as an event
         store_down = rec.status == 503 or (in_stream and STORE_DOWN in (rec.error_message or ""))
-        label = f"chat {rec.status}" + (" in-stream" if in_stream else "")
+        label = f"chat {503 if store_down else rec.status}" + (" in-stream" if in_stream else "")
         if store_down and in_outage(rec.start, rec.start + (rec.e2e or 0.0)):
             declared[label] += 1
         elif in_stream or (rec.status or 0) >= 500:
@@ -307,24 +288,25 @@ def classify_errors(records: list[RequestRecord], teach: list[tuple[float, int |
     return {"declared": dict(declared), "unexpected": dict(unexpected), "client_errors": dict(other)}
 
 
-async def audit(redis_url: str, load: SoakLoad, sids: list[str]) -> dict[str, int]:
+async def audit(redis_url: str, load: SoakLoad, sessions: list[int]) -> dict[str, int]:
     """Read every session back from Redis and hold it against what the clients were told."""
     from adapters.checkpoint import CheckpointError, decode_b
     from server.store import RedisStore
 
     store, found = RedisStore.from_url(redis_url), dict.fromkeys(AUDIT_KEYS, 0)
     try:
-        for i, sid in enumerate(sids):
+        for i in sessions:
+            sid = str(load.session_id(i))
             turns, state = await store.get_turns(TENANT, sid), await store.get_session(TENANT, sid)
             users = Counter(m["content"] for m in turns if m.get("role") == "user")
-            replies = {a["content"]: b.get("content") for a, b in zip(turns, turns[1:], strict=False)
+            replies = {a["content"]: b.get("content") for a, b in itertools.pairwise(turns)
                        if a.get("role") == "user" and b.get("role") == "assistant"}
             for rec in (r for r in load.records if r.session == i):
-                n = users[prompt_for(load.conversations, i, rec.turn)]
+                text = prompt_for(load.conversations, i, rec.turn)
+                n = users[text]
                 if rec.ok:
                     found["lost" if n == 0 else "duplicated" if n > 1 else "found"] += 1
-                    found["reply_mismatches"] += n == 1 and replies[prompt_for(load.conversations, i, rec.turn)] \
-                        != rec.text
+                    found["reply_mismatches"] += n == 1 and replies.get(text) != rec.text
                 else:  # generated but refused (e.g. 503 while storing): it must not be in the history
                     found["unacked_stored"] += n > 0
             found["stored_messages"] += len(turns)
@@ -352,7 +334,7 @@ async def progress(load: SoakLoad, schedule: FaultSchedule, every_s: float) -> N
         await asyncio.sleep(every_s)
         n, ok = len(load.records), sum(r.ok for r in load.records)
         phase = "flushing" if load.now() > load.cfg.duration_s else "load"
-        last = schedule.events[-1].kind if schedule.events else "-"
+        last = schedule.events[-1]["kind"] if schedule.events else "-"
         print(f"[soak] {load.now():6.0f}s {phase}: requests {n} ok {ok} failed {n - ok}  "
               f"{(n - seen) / every_s:.2f} req/s  last fault: {last}", file=sys.stderr, flush=True)
         seen = n
@@ -377,12 +359,12 @@ async def soak(cluster: Cluster, args: argparse.Namespace, out: Path) -> dict[st
         load_s = await load.execute()
         await faults  # every fault is due before the end, but a replacement worker may still be starting
         # Sessions 0 and 1 were taught, so they exist even if none of their turns got through.
-        sids = [str(load.session_id(i)) for i in range(args.sessions) if load.acked[i] or i < 2]
-        flushes = await flush_all(client, sids, args.flush_timeout)
+        sessions = [i for i in range(args.sessions) if load.acked[i] or i < 2]
+        flushes = await flush_all(client, [str(load.session_id(i)) for i in sessions], args.flush_timeout)
         await load.finish_lag(timeout_s=30)
         ticker.cancel()
         after = await loadtest.scrape_metrics(client)
-    audited = await audit(cluster.redis.url, load, sids)
+    audited = await audit(cluster.redis.url, load, sessions)
     errors = classify_errors(load.records, schedule.teach_statuses, flushes, schedule.outage())
     result = RunResult(target, model, load.records, load_s, load.lag.poll_errors, 0, before, after)
     lt_doc = report.write_report(out / "loadtest", [result], cfg, run_id, max_error_rate=1.0)
@@ -391,13 +373,14 @@ async def soak(cluster: Cluster, args: argparse.Namespace, out: Path) -> dict[st
                "turns_lost": audited["lost"], "turns_duplicated": audited["duplicated"],
                "versions_written": audited["versions_written"], "checksum_failures": audited["checksum_failures"],
                "unexpected_5xx": sum(errors["unexpected"].values()), "declared_503": sum(errors["declared"].values()),
-               "worker_kills": sum(e.kind == "worker_kill" for e in schedule.events),
-               "redis_restarts": sum(e.kind == "redis_start" for e in schedule.events)}
-    verdict["ok"] = (sent == stored and audited["lost"] == audited["duplicated"] == 0
+               "worker_kills": sum(e["kind"] == "worker_kill" for e in schedule.events),
+               "redis_restarts": sum(e["kind"] == "redis_start" for e in schedule.events)}
+    verdict["ok"] = (0 < sent == stored and audited["lost"] == audited["duplicated"] == 0
                      and verdict["checksum_failures"] == 0 and verdict["unexpected_5xx"] == 0)
     return {"verdict": verdict, "config": {**vars(args), "run_id": run_id}, "audit": audited, "errors": errors,
-            "flush_status": flushes, "outage_window_s": schedule.outage(), "events": [asdict(e) for e in schedule.events],
-            "load_s": load_s, "loadtest": lt_doc, "timeline": [[r.start + (r.e2e or 0.0), r.ok] for r in load.records]}
+            "flush_status": flushes, "outage_window_s": schedule.outage(), "load_s": load_s,
+            "events": schedule.events, "loadtest": lt_doc,
+            "timeline": [[r.start + (r.e2e or 0.0), r.ok] for r in load.records]}  # (end, acknowledged)
 
 
 def plot(out: Path, doc: dict[str, Any]) -> Path:

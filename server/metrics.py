@@ -28,6 +28,8 @@ class Metrics:
         self.update_group_size = Histogram(
             "tmem_update_group_size", "sessions trained in one pass", registry=r, buckets=(1, 2, 4, 8, 16, 32, 64)
         )
+        self.batched_passes = Counter("tmem_batched_update_passes_total",
+                                      "training passes that updated more than one session at once", registry=r)
         self.extraction_failures = Counter(
             "tmem_extraction_failures_total", "extraction outputs with no usable JSON array", registry=r
         )

@@ -86,6 +86,7 @@ class Settings(BaseSettings):
 
     # Worker
     worker: Literal["inline", "off"] = Field("inline", description="run the update worker inside `serve`")
+    update_group_size: int = Field(16, ge=1, description="pending sessions trained together in one pass")
     worker_threads: int = Field(1, ge=1, description="torch threads the trainer may use")
     extraction_max_tokens: int = 512
     extraction_known_pairs: int = Field(20, ge=0, description="earlier pairs shown in the extraction prompt")

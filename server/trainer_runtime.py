@@ -52,6 +52,10 @@ class TrainerRuntime:
     def update(self, b: SessionB, pairs: Sequence[Pair]) -> UpdateResult:
         return self.trainer.update(b, pairs)
 
+    def update_many(self, items: Sequence[tuple[SessionB, Sequence[Pair]]]) -> list[UpdateResult]:
+        """Several sessions' updates; each result equals what `update` would give for that session alone."""
+        return [self.trainer.update(b, pairs) for b, pairs in items]
+
     def encode(self, b: SessionB) -> Checkpoint:
         meta = {
             "a0": self.identity,
