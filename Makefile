@@ -34,9 +34,12 @@ redis:
 $(MODEL)/config.json: | install
 	$(VENV)/bin/tmem tiny-model $(MODEL)
 
+# The offline demo model is fp32; serve it in fp32 so answers match what the trainer computes.
+SERVE_FLAGS ?= $(if $(filter .cache/tiny-model,$(MODEL)),--dtype float32,)
+
 serve: install
 	@if [ "$(MODEL)" = ".cache/tiny-model" ]; then $(MAKE) --no-print-directory $(MODEL)/config.json; fi
-	$(VENV)/bin/tmem serve --model $(MODEL) --host $(HOST) --port $(PORT)
+	$(VENV)/bin/tmem serve --model $(MODEL) --host $(HOST) --port $(PORT) $(SERVE_FLAGS)
 
 test: install
 	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)

@@ -90,7 +90,9 @@ class BatchedTrainer:
     """Updates many sessions' B together; a drop-in for `OnlineTrainer` (same constructor, same `update`).
 
     `max_group_size` caps how many sessions share one forward (longer lists are chunked);
-    `reuse_prefix=False` runs every block every step (the naive route, for comparison).
+    `reuse_prefix=False` runs every block every step (the naive route, for comparison). A result's
+    `seconds` is the wall time from the start of its group to that session's last step: sessions in a
+    group share every step, so their times overlap rather than add up.
     """
 
     def __init__(self, fast_model: FastWeightModel, tokenizer: Any, config: TrainerConfig | None = None, *,
@@ -133,7 +135,8 @@ class BatchedTrainer:
         return [float(v) for v in self._session_losses(params, rows)]
 
     def _update_group(self, items: Sequence[UpdateItem], cfg: TrainerConfig) -> list[UpdateResult]:
-        sessions = [self._prepare(b, pairs, cfg) for b, pairs in items]
+        started = time.perf_counter()
+        sessions = [self._prepare(b, pairs, cfg, started) for b, pairs in items]
         live = [s for s in sessions if s.alive]
         self._attach_states(live)
         step = 0
@@ -147,9 +150,8 @@ class BatchedTrainer:
                 s.result.seconds = time.perf_counter() - s.started
         return [s.result for s in sessions]
 
-    def _prepare(self, b: SessionB, pairs: Sequence[Pair], cfg: TrainerConfig) -> _Session:
+    def _prepare(self, b: SessionB, pairs: Sequence[Pair], cfg: TrainerConfig, started: float) -> _Session:
         """Encode one session's pairs and set up its trainable copy of B, optimizer and schedule."""
-        started = time.perf_counter()
         examples = encode_pairs(self.tokenizer, pairs, cfg.max_seq_len, cfg.system_prompt)
         result = UpdateResult(b=b, applied=False, examples=len(examples),
                               answer_tokens=sum(ex.answer_tokens for ex in examples))

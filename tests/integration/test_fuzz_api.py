@@ -63,7 +63,8 @@ OPERATIONS: dict[str, bool] = {
 # Random text is almost never a valid session id, so half the cases of a session operation use one
 # of these (a small pool, so later operations find the sessions earlier ones created).
 FUZZ_SESSIONS = ["fuzz-a", "fuzz-b", "fuzz:c.1"]
-EXAMPLES_PER_OPERATION = 24  # split evenly between valid and invalid bodies where there is a body
+# Split evenly between valid and invalid bodies where there is a body; raise it for a deeper local run.
+EXAMPLES_PER_OPERATION = int(os.environ.get("TMEM_FUZZ_EXAMPLES", "24"))
 RUNS = [
     pytest.param(label, mode, EXAMPLES_PER_OPERATION // (2 if has_body else 1), id=f"{label}-{mode.value}")
     for label, has_body in OPERATIONS.items()
@@ -258,8 +259,10 @@ def cap_slow_work(case: Case) -> None:
     elif case.operation.path.endswith("/flush"):
         if case.body is NOT_SET or case.body is None:  # no body: the server would wait its default 300 s
             case.body, case.media_type = {"timeout": FLUSH_TIMEOUT_S}, "application/json"
-        elif isinstance(case.body, dict) and _number(case.body.get("timeout")) > FLUSH_TIMEOUT_S:
-            case.body = {**case.body, "timeout": FLUSH_TIMEOUT_S}
+        elif isinstance(case.body, dict):
+            timeout = case.body.get("timeout")  # absent or null: the default 300 s again
+            if timeout is None or _number(timeout) > FLUSH_TIMEOUT_S:
+                case.body = {**case.body, "timeout": FLUSH_TIMEOUT_S}
 
 
 def fill_blank_pairs(case: Case) -> None:
@@ -330,6 +333,51 @@ def test_fuzzing_reached_the_success_paths(fuzz_record: FuzzRecord) -> None:
     # An adapter exists only once the worker has trained a taught session, which may take longer than the run.
     for label in set(OPERATIONS) - {"GET /v1/sessions/{session_id}/adapter"}:
         assert fuzz_record.statuses[label][200] > 0, f"{label} never succeeded:\n{table}"
+
+
+# Ids the fuzzer is unlikely to hit, as they appear in the URL: (case id, path segment).
+HOSTILE_PATH_IDS = [
+    ("traversal", "..%2F..%2Fetc%2Fpasswd"),
+    ("encoded dot dot", "%2E%2E"),
+    ("hidden file", ".env"),
+    ("trailing newline", "fuzz-nl%0A"),
+    ("trailing CRLF", "fuzz-crlf%0D%0A"),
+    ("NUL", "fuzz%00nul"),
+    ("space", "fuzz%20space"),
+    ("backslash", "..%5C..%5Cboot.ini"),
+    ("fullwidth solidus", "fuzz%EF%BC%8Fx"),
+    ("accented", "caf%C3%A9"),
+    ("129 chars", "s" * 129),
+]
+
+
+@pytest.mark.parametrize("segment", [c[1] for c in HOSTILE_PATH_IDS], ids=[c[0] for c in HOSTILE_PATH_IDS])
+def test_hostile_path_session_ids_are_refused(server: ServerProcess, fuzz_record: FuzzRecord, segment: str) -> None:
+    """An id outside the contract is a 400 invalid_session_id (or an unknown URL), creates nothing."""
+    sid = unquote(segment)
+    fuzz_record.sent_ids.add(sid)
+    body = {"messages": [{"role": "user", "content": "hello"}]}
+    for method, suffix, payload in (("POST", "/messages", body), ("GET", "", None), ("GET", "/adapter", None)):
+        response = httpx.request(method, f"{server.url}/v1/sessions/{segment}{suffix}", json=payload, timeout=30)
+        error = _error_object(Response.from_any(response))
+        assert response.headers.get("x-request-id")
+        assert (response.status_code, error["code"]) in ((400, "invalid_session_id"), (404, "unknown_url")), (
+            f"{method} /v1/sessions/{segment}{suffix} -> {response.status_code} {response.text}"
+        )
+    session_ids_create_no_files(fuzz_record, [sid])
+
+
+@pytest.mark.parametrize("sid", ["../x", "a b", "caf\u00e9", "s" * 129, ".", ""], ids=repr)
+def test_hostile_header_session_ids_are_refused(server: ServerProcess, fuzz_record: FuzzRecord, sid: str) -> None:
+    fuzz_record.sent_ids.add(sid)
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 1}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30,
+                          headers={"X-Session-ID": sid.encode("latin-1")})
+    error = _error_object(Response.from_any(response))
+    assert (response.status_code, error["code"], error["param"]) == (400, "invalid_session_id", "X-Session-ID"), (
+        response.text
+    )
+    session_ids_create_no_files(fuzz_record, [sid])
 
 
 def test_server_survives_the_fuzzing(server: ServerProcess) -> None:
