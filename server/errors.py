@@ -289,9 +289,14 @@ def _from_starlette(exc: StarletteHTTPException, request: Request | None) -> TME
 
 
 def _log_unexpected(exc: BaseException, err: TMEMHTTPError, where: str, request_id: str | None) -> None:
-    """Keep the traceback of a 500 in the log, never in the response."""
-    if err.status >= 500 and not isinstance(exc, TMEMHTTPError):
-        logger.error("Unhandled error %s (request %s)", where, request_id, exc_info=exc)
+    """Keep the traceback of a 500 in the log, never in the response; a registered mapping is expected."""
+    if err.status < 500 or isinstance(exc, TMEMHTTPError):
+        return
+    if any(isinstance(exc, known) for known in _REGISTRY):
+        # e.g. Redis away → 503: an outage worth a line, not a crash worth a traceback.
+        logger.warning("%s %s (request %s): %s", err.status, where, request_id, exc)
+        return
+    logger.error("Unhandled error %s (request %s)", where, request_id, exc_info=exc)
 
 
 async def _handle(request: Request, exc: Exception) -> JSONResponse:
