@@ -85,7 +85,8 @@ def update_flops(config: Any, first_adapted: int, rank: int, batches: Sequence[S
     two attention matmuls (QKᵀ, PV) over the padded width, and A0 then B at each of the 3 targets of
     an adapted block. Backward: frozen weights need only the input gradient (1× their forward); the
     attention matmuls cost 2× their forward (dQ, dK, dV, dP); B also needs its weight gradient (2×).
-    Blocks below the first adapted one get no backward (nothing there requires grad, in either route).
+    Blocks below the first adapted one get no backward (nothing there requires grad, in either route);
+    the first adapted block is counted whole, though autograd skips its attention (same for both).
     Batches are counted at their padded width, the same for both routes. `prefix_once`: the blocks
     below the first adapted one run once per update (over unpadded examples) instead of every step;
     `full_head`: the LM head runs (and back-propagates) at every position instead of answer positions.

@@ -56,7 +56,21 @@ def create_app(settings: Settings) -> FastAPI:
     )
     for module in (chat, sessions, system):
         app.include_router(module.router)
+    app.openapi = _without_422(app.openapi)  # type: ignore[method-assign]
     return app
+
+
+def _without_422(build: Any) -> Any:
+    """FastAPI documents 422 for validation errors; this server answers them with OpenAI's 400."""
+
+    def openapi() -> dict[str, Any]:
+        spec: dict[str, Any] = build()
+        for operations in spec.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        return spec
+
+    return openapi
 
 
 async def _count_requests(request: Request, call_next: Any) -> Response:

@@ -54,7 +54,7 @@ class KeyRing:
         if found is None:
             raise Unauthorized("Incorrect API key provided.")
         if found == SERVICE_TENANT:
-            if not acting_for or not _TENANT_RE.match(acting_for):
+            if not acting_for or not _TENANT_RE.fullmatch(acting_for):
                 raise Forbidden("a service key must name its tenant in X-TMEM-Tenant", param="X-TMEM-Tenant")
             return acting_for
         if acting_for and acting_for != found:

@@ -35,7 +35,7 @@ class Services:
 
 def validate_session_id(value: str | None, param: str = "X-Session-ID") -> str:
     """Return the id if it is 1–128 chars of [A-Za-z0-9._:-] not starting with '.', else a 400."""
-    if value is None or not SESSION_ID_RE.match(value):
+    if value is None or not SESSION_ID_RE.fullmatch(value):
         raise InvalidRequest(
             "session id must be 1-128 characters of letters, digits and . _ : - (not starting with '.')",
             param=param,

@@ -45,6 +45,22 @@ class ErrorBody(BaseModel):
     code: str | int | None = None
 
 
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope: every non-2xx response of this server has this shape."""
+
+    error: ErrorBody
+
+
+_ERROR_MEANINGS = {400: "Invalid request (bad JSON, unsupported field, limits, context length)",
+                   401: "Missing or wrong API key", 403: "Not allowed (another tenant, session cap)",
+                   404: "Unknown model, session or route", 413: "Request body too large",
+                   429: "Rate limit reached; see Retry-After",
+                   503: "Storage (Redis) or the server unavailable; see Retry-After"}
+# For routers: declares the error shape in the OpenAPI spec, so clients and fuzzers see it.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text} for status, text in _ERROR_MEANINGS.items()}
+
+
 def error_response(
     status: int,
     message: str,
@@ -394,7 +410,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
-        request_id = incoming if _VALID_REQUEST_ID.match(incoming) else f"req_{uuid.uuid4().hex}"
+        request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else f"req_{uuid.uuid4().hex}"
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message: Message) -> None:

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save as save_tensors
 
 from adapters.a_init import model_identity
+from adapters.batched import BatchedTrainer
 from adapters.checkpoint import Checkpoint, decode_b, encode_b
 from adapters.fast_weights import FastWeightModel, SessionB
 from adapters.supervision import Pair
@@ -24,9 +25,13 @@ log = logging.getLogger(__name__)
 class TrainerRuntime:
     """Owns θ0 (frozen, PyTorch), A0 and the OnlineTrainer; turns B into checkpoints and back."""
 
-    def __init__(self, fast: FastWeightModel, tokenizer: Any, config: TrainerConfig, base_model: str) -> None:
+    def __init__(self, fast: FastWeightModel, tokenizer: Any, config: TrainerConfig, base_model: str,
+                 group_size: int = 16) -> None:
         self.fast = fast
         self.trainer = OnlineTrainer(fast, tokenizer, config)
+        # The serving path: frozen-prefix reuse, head at answers, several sessions per pass; each
+        # session's result equals OnlineTrainer's within the tolerances in adapters/batched.py.
+        self.batched = BatchedTrainer(fast, tokenizer, config, max_group_size=group_size)
         self.base_model = base_model
         self.identity = model_identity(fast.model, fast.targets, fast.spec)
         self.a0_blob = save_tensors({n: t.contiguous() for n, t in fast.a0.items()})
@@ -44,17 +49,17 @@ class TrainerRuntime:
         tokenizer = AutoTokenizer.from_pretrained(settings.model)
         fast = FastWeightModel(model, settings.fast_weight_spec(), a0_cache_dir=Path(settings.a0_cache_dir))
         log.info("trainer ready: %d target modules in layers %s", len(fast.targets), fast.layers)
-        return cls(fast, tokenizer, settings.trainer_config(), settings.model_name)
+        return cls(fast, tokenizer, settings.trainer_config(), settings.model_name, settings.update_group_size)
 
     def zero_b(self) -> SessionB:
         return self.fast.zero_b()
 
     def update(self, b: SessionB, pairs: Sequence[Pair]) -> UpdateResult:
-        return self.trainer.update(b, pairs)
+        return self.batched.update(b, pairs)
 
     def update_many(self, items: Sequence[tuple[SessionB, Sequence[Pair]]]) -> list[UpdateResult]:
         """Several sessions' updates; each result equals what `update` would give for that session alone."""
-        return [self.trainer.update(b, pairs) for b, pairs in items]
+        return self.batched.update_many(items)
 
     def encode(self, b: SessionB) -> Checkpoint:
         meta = {

@@ -8,10 +8,14 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.deps import ServicesDep, TurnDep
-from server.errors import ServiceUnavailable, error_chunk
+from server.errors import (
+    ERROR_RESPONSES,
+    ServiceUnavailable,
+    error_chunk,
+)
 from server.protocol import SSE_DONE, ChatCompletionChunk, ChatCompletionRequest, sse_event
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 VERSION_HEADER = "X-TMEM-Adapter-Version"
 
 

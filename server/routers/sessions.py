@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 
 from server.deps import SessionIdDep, TenantDep, get_services
+from server.errors import ERROR_RESPONSES
 from server.protocol import (
     DeleteResponse,
     FlushRequest,
@@ -18,7 +19,7 @@ from server.protocol import (
 )
 from server.sessions import SessionService, session_info
 
-router = APIRouter(prefix="/v1/sessions")
+router = APIRouter(prefix="/v1/sessions", responses=ERROR_RESPONSES)
 
 
 def get_session_service(request: Request) -> SessionService:

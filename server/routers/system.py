@@ -7,11 +7,12 @@ import time
 from fastapi import APIRouter, Depends, Response
 
 from server.deps import ServicesDep, get_tenant
+from server.errors import ERROR_RESPONSES
 from server.metrics import METRICS
 from server.protocol import ModelCard, ModelList
 from server.store import StoreUnavailable
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 _STARTED = int(time.time())
 
 

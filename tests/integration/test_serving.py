@@ -226,3 +226,31 @@ def test_concurrent_updates_of_two_sessions_never_mix(server, sid) -> None:
     assert versions == {a: 1, b: 1}
     assert greedy(server.url, "What is my favorite fruit?", a)[0] == "Your favorite fruit is mango."
     assert greedy(server.url, "What is my favorite fruit?", b)[0] == "Your favorite fruit is a pear."
+
+
+def test_worker_trains_pending_sessions_together_and_says_so_in_metrics(server, sid) -> None:
+    import threading
+
+    def metric(name: str) -> float:
+        for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return 0.0
+
+    before = metric("tmem_batched_update_passes_total")
+    sessions = [f"{sid}-{i}" for i in range(6)]
+    for s in sessions:  # queued faster than one update takes, so the worker finds several pending
+        body = {"pairs": [{"instruction": f"What is code {s}?", "output": f"The code is {s[-1]}."}]}
+        httpx.post(f"{server.url}/v1/sessions/{s}/memories", json=body, timeout=30).raise_for_status()
+    flushed: dict[str, int] = {}
+    threads = [threading.Thread(target=lambda s=s: flushed.__setitem__(s, httpx.post(
+        f"{server.url}/v1/sessions/{s}/flush", json={"timeout": 180}, timeout=200).json()["adapter_version"]))
+        for s in sessions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert flushed == {s: 1 for s in sessions}  # each session updated exactly once
+    assert metric("tmem_batched_update_passes_total") >= before + 1
+    for s in sessions:
+        assert greedy(server.url, f"What is code {s}?", s) == (f"The code is {s[-1]}.", 1)
