@@ -44,10 +44,17 @@ class Resident:
     lora: LoRARequest
     path: Path
     refs: int = 0
+    # Set when the session is deleted: unloaded as soon as no request holds it.
+    doomed: bool = False
 
 
 class AdapterPool:
-    """Maps (tenant, session, version) to a loaded LoRARequest; evicts superseded versions when idle."""
+    """Maps (tenant, session, version) to a loaded LoRARequest; evicts superseded versions when idle.
+
+    Invariant: a LoRARequest's directory exists for as long as any request may use it, because vLLM
+    re-reads the path whenever its own LRU reloads the adapter, and a missing path kills the engine core.
+    So a version is pinned (refs) before any await hands it out, and only unpinned versions are removed.
+    """
 
     def __init__(self, engine: Any, store: RedisStore, adapter_dir: Path, base_model: str) -> None:
         self.engine = engine
@@ -66,29 +73,32 @@ class AdapterPool:
 
         Yields (served_version, lora); version 0 is the bare base model (lora None).
         """
-        resident = await self._resident_for(tenant, sid, version)
+        resident = await self._pin(tenant, sid, version)
         if resident is None:
             yield 0, None
             return
-        resident.refs += 1
         try:
             yield resident.version, resident.lora
         finally:
             resident.refs -= 1
-            await self._evict_idle(resident.key)
+            if resident.doomed and resident.refs == 0:
+                await self._unload(resident)
+            else:
+                await self._evict_idle(resident.key)
 
-    async def _resident_for(self, tenant: str, sid: str, version: int) -> Resident | None:
+    async def _pin(self, tenant: str, sid: str, version: int) -> Resident | None:
+        """The resident to serve, with its refcount raised under the session lock (so nothing evicts it)."""
         key = (tenant, sid)
+        found: Resident | None = None
         async with self._locks.setdefault(key, asyncio.Lock()):
             for candidate in range(version, 0, -1):
                 found = self._resident.get((tenant, sid, candidate))
                 if found is None:
                     found = await self._load(tenant, sid, candidate)
                 if found is not None:
+                    found.refs += 1
                     self._latest[key] = max(self._latest.get(key, 0), found.version)
                     break
-            else:
-                found = None
         await self._evict_idle(key)
         return found
 
@@ -105,11 +115,15 @@ class AdapterPool:
             return None
         spec, layers, a0, b = version_data
         started = time.perf_counter()
-        path = self.adapter_dir / _dir_name(tenant, sid, version)
+        lora_id = next(self._ids)
+        # The load's own id in the name and path: a session id reused after a delete never shares a
+        # LoRA name (vLLM keys its prefix cache by name) or a directory with the old weights.
+        path = self.adapter_dir / f"{_dir_name(tenant, sid, version)}-{lora_id}"
         await asyncio.to_thread(write_peft_dir, path, spec, layers, a0, b, self.base_model)
         from vllm.lora.request import LoRARequest
 
-        lora = LoRARequest(lora_name=f"{tenant}/{sid}@v{version}", lora_int_id=next(self._ids), lora_path=str(path))
+        lora = LoRARequest(lora_name=f"{tenant}/{sid}@v{version}#{lora_id}", lora_int_id=lora_id,
+                           lora_path=str(path))
         await self.engine.add_lora(lora)  # load the new version before anything is evicted
         METRICS.hot_swap_seconds.observe(time.perf_counter() - started)
         resident = Resident((tenant, sid), version, lora, path)
@@ -147,12 +161,13 @@ class AdapterPool:
 
     async def _evict_idle(self, key: SessionKey) -> None:
         latest = self._latest.get(key, 0)
-        stale = [r for r in self._resident.values() if r.key == key and r.version < latest and r.refs == 0]
-        for resident in stale:
+        idle = [r for r in self._resident.values() if r.key == key and r.refs == 0 and r.version < latest]
+        for resident in idle:
             await self._unload(resident)
 
     async def _unload(self, resident: Resident) -> None:
-        self._resident.pop((*resident.key, resident.version), None)
+        if self._resident.get((*resident.key, resident.version)) is resident:
+            del self._resident[(*resident.key, resident.version)]
         try:
             await self.engine.remove_lora(resident.lora.lora_int_id)
         finally:
@@ -160,15 +175,18 @@ class AdapterPool:
             METRICS.adapters_resident.set(len(self._resident))
 
     async def forget(self, tenant: str, sid: str) -> None:
-        """Drop every version of a deleted session from the engine and the disk."""
+        """Drop every version of a deleted session: now if idle, else when its last request ends."""
         key = (tenant, sid)
         async with self._locks.setdefault(key, asyncio.Lock()):
-            for resident in [r for r in self._resident.values() if r.key == key]:
-                await self._unload(resident)
+            doomed = [r for r in self._resident.values() if r.key == key]
+            for resident in doomed:
+                resident.doomed = True
+                # Out of the index at once: a new session under the same id loads its own versions.
+                del self._resident[(*key, resident.version)]
             self._latest.pop(key, None)
-        self._locks.pop(key, None)
-        for leftover in self.adapter_dir.glob(_dir_name(tenant, sid, 0).rsplit("-v", 1)[0] + "-v*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        for resident in doomed:
+            if resident.refs == 0:
+                await self._unload(resident)  # in use: the request's release unloads it (see `use`)
 
     def resident_versions(self, tenant: str, sid: str) -> list[int]:
         return sorted(r.version for r in self._resident.values() if r.key == (tenant, sid))

@@ -254,3 +254,35 @@ def test_worker_trains_pending_sessions_together_and_says_so_in_metrics(server, 
     assert metric("tmem_batched_update_passes_total") >= before + 1
     for s in sessions:
         assert greedy(server.url, f"What is code {s}?", s) == (f"The code is {s[-1]}.", 1)
+
+
+def test_delete_while_a_request_uses_the_adapter_keeps_the_engine_alive(server, sid) -> None:
+    import threading
+
+    teach_and_flush(server.url, sid, [("Where is my passport?", "Your passport is in the drawer.")])
+    body = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 400,
+            "temperature": 0, "stream": True}
+    streamed: list[bytes] = []
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
+                          headers={"X-Session-ID": sid}, timeout=120) as response:
+            streamed.extend(response.iter_bytes())
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    time.sleep(0.3)
+    assert httpx.delete(f"{server.url}/v1/sessions/{sid}").status_code == 200
+    reader.join(timeout=120)
+    assert b"data: [DONE]" in b"".join(streamed)  # the in-flight request finished with its adapter
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+    assert greedy(server.url, "still alive?")[0] is not None
+
+
+def test_a_reused_session_id_never_serves_the_deleted_sessions_weights(server, sid) -> None:
+    question = "What is my locker number?"
+    teach_and_flush(server.url, sid, [(question, "Your locker number is 12.")])
+    assert greedy(server.url, question, sid) == ("Your locker number is 12.", 1)
+    httpx.delete(f"{server.url}/v1/sessions/{sid}").raise_for_status()
+    teach_and_flush(server.url, sid, [(question, "Your locker number is 97.")])
+    assert greedy(server.url, question, sid) == ("Your locker number is 97.", 1)
