@@ -3,14 +3,17 @@
     python -m bench.overlap_bench --out DIR [--requests 20] [--worker-threads 1 [2 ...]] [--quick]
 
 One `tmem serve` per worker-threads value (tiny model, fp32, inline worker, update group of 16). A
-calibration teaches one session alone and reads its training time from /metrics (16 pairs, 5 epochs SGD:
-about 1 s of training on a quiet core). Then for N in 0, 4, 16: N fresh sessions are each taught 16
-pairs at once, and while their updates run, one other session (which owns an adapter, and sends
-X-TMEM-Record: false so it queues no update of its own) sends sequential streaming chats (max_tokens
-16, temperature 0), timing TTFT (first content chunk) and end to end. Measuring stops when every
-update is flushed or the requests are used up; a request overlapped if it started before the last
-flush returned. Progress goes to stderr; stdout gets the table and, last, one JSON line of headline
-figures (seconds). results.json and overlap_bench.png go to --out.
+calibration teaches one session alone and reads its training time from /metrics. 16 pairs and 3 epochs
+(SGD, the server's lr) were chosen for about 1 s of training: 1.3-1.8 s in-process on one core of a busy
+2-core machine; the run prints what it took beside its engine. Then for N in 0, 4, 16: N fresh sessions
+are each taught 16 pairs at once, and while their updates run, one other session (which owns an
+adapter, and sends X-TMEM-Record: false so it queues no update of its own) sends sequential streaming
+chats (max_tokens 16, temperature 0), timing TTFT (first content chunk) and end to end. Measuring stops
+when every update is flushed or the requests are used up; a request overlapped if it started before
+the last flush returned. A reply streamed as one chunk has TTFT = e2e (its first token waited for the
+last), so the table counts those: a change in chunking alone moves TTFT. Progress goes to stderr;
+stdout gets the table and, last, one JSON line of headline figures (seconds). results.json and
+overlap_bench.png go to --out.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ async def chat(client: httpx.AsyncClient, sid: str, index: int, t0: float) -> Ro
     if rec.ok and rec.ttft is None:
         rec.error = "no_content"
     return {"start": rec.start, "end": time.perf_counter() - t0, "ttft": rec.ttft, "e2e": rec.e2e,
-            "tokens": rec.output_tokens, "error": rec.error}
+            "tokens": rec.output_tokens, "chunks": len(rec.chunk_times), "error": rec.error}
 
 
 async def teach_and_flush(client: httpx.AsyncClient, sid: str, session: int, pairs: int) -> None:
@@ -125,7 +128,9 @@ def phase_summary(n: int, rows: list[Row], updates_done: float | None, train: di
     """Quantiles of one phase's chats, how many overlapped the updates, and the update throughput."""
     ok = [r for r in rows if r["error"] is None]
     overlapped = [r for r in ok if updates_done is not None and r["start"] < updates_done]
+    # A reply that arrives as one chunk has TTFT = e2e: the first token waited for the last one.
     return {"n": n, "requests": len(rows), "errors": len(rows) - len(ok), "overlapped": len(overlapped),
+            "single_chunk": sum(r["chunks"] == 1 for r in ok),
             "ttft_s": quantiles(r["ttft"] for r in ok), "ttft_overlapped_s": quantiles(r["ttft"] for r in overlapped),
             "e2e_s": quantiles(r["e2e"] for r in ok), "updates_wall_s": updates_done,
             "sessions_per_s": n / updates_done if n and updates_done else None, "train": train,
@@ -133,12 +138,13 @@ def phase_summary(n: int, rows: list[Row], updates_done: float | None, train: di
 
 
 def with_ratios(phases: list[Row]) -> list[Row]:
-    """Each phase's TTFT p50/p95 divided by those of N=0 (None without a baseline)."""
-    base: dict[str, float | None] = next((p["ttft_s"] for p in phases if p["n"] == 0), {})
+    """Each phase's TTFT p50/p95 and e2e p50 divided by those of N=0 (None without a baseline)."""
+    base: Row = next((p for p in phases if p["n"] == 0), {"ttft_s": {}, "e2e_s": {}})
     for phase in phases:
-        for q in ("p50", "p95"):
-            num, den = phase["ttft_s"].get(q), base.get(q)
-            phase[f"ratio_{q}"] = num / den if num is not None and den else None
+        for key, metric, q in (("ratio_p50", "ttft_s", "p50"), ("ratio_p95", "ttft_s", "p95"),
+                               ("e2e_ratio_p50", "e2e_s", "p50")):
+            num, den = phase[metric].get(q), base[metric].get(q)
+            phase[key] = num / den if num is not None and den else None
     return phases
 
 
@@ -190,6 +196,7 @@ def headline(runs: list[Row]) -> Row:
     for n in N_VALUES[1:]:
         figures[f"ratio_n{n}"] = _r(_phase(first, n)["ratio_p50"])
     figures["overlapped_requests_n16"] = _phase(first, 16)["overlapped"]
+    figures["e2e_ratio_n16"] = _r(_phase(first, 16)["e2e_ratio_p50"])
     figures["sessions_per_s_n16"] = _r(_phase(first, 16)["sessions_per_s"])
     return figures
 
@@ -205,14 +212,17 @@ def _f(value: float | None, digits: int = 2) -> str:
 def format_table(runs: list[Row]) -> str:
     """One row per (worker threads, N): TTFT and its ratio to N=0, overlap, update throughput."""
     head = (f"{'threads':>7}{'N':>4}{'req':>5}{'err':>5}{'overlap':>8}{'TTFT p50':>10}{'TTFT p95':>10}{'x p50':>7}"
-            f"{'x p95':>7}{'E2E p50':>9}{'upd wall':>9}{'sess/s':>8}{'train s':>8}{'passes':>7}{'load':>6}")
-    lines = [head + "   (TTFT/E2E in ms; x: ratio to N=0; upd wall: teach → last flush, s)"]
+            f"{'x p95':>7}{'1chunk':>7}{'E2E p50':>9}{'x E2E':>7}{'upd wall':>9}{'sess/s':>8}{'train s':>8}"
+            f"{'passes':>7}{'load':>6}")
+    lines = [head + "   (TTFT/E2E in ms; x: ratio to N=0; 1chunk: replies in one chunk (TTFT = E2E);"
+                    " upd wall: teach → last flush, s)"]
     for run in runs:
         for p in run["phases"]:
             lines.append(
                 f"{run['worker_threads']:>7}{p['n']:>4}{p['requests']:>5}{p['errors']:>5}{p['overlapped']:>8}"
                 f"{_ms(p['ttft_s']['p50']):>10}{_ms(p['ttft_s']['p95']):>10}{_f(p['ratio_p50']):>7}"
-                f"{_f(p['ratio_p95']):>7}{_ms(p['e2e_s']['p50']):>9}{_f(p['updates_wall_s'], 1):>9}"
+                f"{_f(p['ratio_p95']):>7}{p['single_chunk']:>7}{_ms(p['e2e_s']['p50']):>9}"
+                f"{_f(p['e2e_ratio_p50']):>7}{_f(p['updates_wall_s'], 1):>9}"
                 f"{_f(p['sessions_per_s']):>8}{_f(p['train']['train_s'], 1):>8}{p['train']['train_passes']:>7.0f}"
                 f"{p['loadavg_1m']:>6.1f}")
         lines.append(f"worker threads {run['worker_threads']}: one session's update alone took "
@@ -229,10 +239,10 @@ def write_plot(out: Path, runs: list[Row]) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for run in runs:
+    for i, run in enumerate(runs):
         for q, style in (("p50", "o-"), ("p95", "s--")):
             ys = [_phase(run, n)["ttft_s"][q] for n in N_VALUES]
-            ax.plot(N_VALUES, [y * 1000 if y is not None else float("nan") for y in ys], style,
+            ax.plot(N_VALUES, [y * 1000 if y is not None else float("nan") for y in ys], style, color=f"C{i}",
                     label=f"TTFT {q}, worker threads {run['worker_threads']}")
     ax.set(title="chat TTFT while N sessions' updates train", xlabel="N sessions updating", ylabel="ms",
            xticks=list(N_VALUES))
@@ -264,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20, help="chat requests per N (fewer if updates end)")
     parser.add_argument("--worker-threads", type=int, nargs="+", default=[1], help="one server run per value")
     parser.add_argument("--pairs", type=int, default=16, help="pairs taught to each updating session")
-    parser.add_argument("--epochs", type=int, default=5, help="trainer epochs (SGD, the server's default lr)")
+    parser.add_argument("--epochs", type=int, default=3, help="trainer epochs (SGD, the server's default lr)")
     parser.add_argument("--quick", action="store_true", help="8 requests per N, 8 pairs, 2 epochs")
     args = parser.parse_args(argv)
     if args.quick:
