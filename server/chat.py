@@ -11,7 +11,7 @@ from typing import Any
 from server.auth import RateLimiter
 from server.engine import Engine
 from server.errors import Forbidden, InvalidRequest, NotFound
-from server.limits import check_messages
+from server.limits import check_max_tokens, check_messages
 from server.metrics import METRICS
 from server.pool import AdapterPool
 from server.prompting import fit_turns, new_suffix, system_text
@@ -76,6 +76,7 @@ class ChatService:
         model = self.check_model(req.model)
         sent = [{"role": m.role, "content": m.text} for m in req.messages]
         check_messages(sent, self.settings)
+        check_max_tokens(req.max_tokens, self.settings)
         system = next((m["content"] for m in sent if m["role"] == "system"), self.settings.system_prompt)
         dialogue = [m for m in sent if m["role"] != "system"]
         if not dialogue:

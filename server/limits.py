@@ -22,6 +22,13 @@ def check_messages(messages: Sequence[dict[str, str]], settings: Settings, param
                 param=f"{param}[{index}].content", code="string_above_max_length")
 
 
+def check_max_tokens(requested: int | None, settings: Settings) -> None:
+    """Refuse a completion longer than `max_completion_tokens`, whatever the context window allows."""
+    if requested is not None and requested > settings.max_completion_tokens:
+        raise InvalidRequest(f"max_tokens is {requested}; this server allows at most {settings.max_completion_tokens}",
+                             param="max_tokens", code="max_tokens_too_large")
+
+
 class BodySizeLimit:
     """ASGI middleware: refuse request bodies over `max_bytes` (by Content-Length, or while streaming in)."""
 

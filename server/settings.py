@@ -108,6 +108,7 @@ class Settings(BaseSettings):
     # Limits
     max_request_bytes: int = Field(2_000_000, ge=1024)
     max_sessions_per_tenant: int = Field(10_000, ge=1)
+    max_completion_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_messages_per_request: int = 256
     max_message_chars: int = 32_000
     max_pairs_per_teach: int = 256

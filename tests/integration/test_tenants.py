@@ -25,7 +25,7 @@ def keyed(tiny_model_dir: Path, redis_main, artifacts: Path, server: ServerProce
     keys = ",".join(f"{tenant}={key}" for tenant, key in KEYS.items())
     proc = ServerProcess(tiny_model_dir, redis_main.url, artifacts / "server-keys.log", extra=[
         "--api-keys", keys, "--require-auth", "--redis-prefix", PREFIX, "--rate-limit-rpm", "40",
-        "--max-sessions-per-tenant", "3", "--max-request-bytes", "65536",
+        "--max-sessions-per-tenant", "3", "--max-request-bytes", "65536", "--max-completion-tokens", "64",
         "--adapter-dir", str(artifacts / "adapters-keys"),
         # This server also exercises the paper's trigger: update once the unabsorbed text passes the budget.
         "--update-policy", "context-budget", "--context-tokens", "400"]).start()
@@ -165,3 +165,12 @@ def test_context_budget_policy_updates_only_once_the_budget_is_passed(keyed) -> 
             break
         time.sleep(0.5)
     assert info["pending_updates"] == 0 and info["turns"] == 2
+
+
+def test_max_tokens_above_the_configured_limit_is_400(keyed) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}
+    response = call(keyed, "bob", "POST", "/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "max_tokens_too_large"
+    body["max_tokens"] = 64
+    assert call(keyed, "bob", "POST", "/v1/chat/completions", json=body).status_code == 200
