@@ -6,6 +6,7 @@ Both routes train the same Δ = B·A0 (same A0, same examples, same batches and 
 so their final losses must agree; only the cost differs. The second part counts SGD steps until the
 answer loss falls to a fraction of its starting value, for the SVD and the random A-init.
 Progress goes to stderr; stdout gets the tables and, last, one JSON line of headline figures.
+On a machine shared with other jobs, `--threads 1` gives far steadier timings than torch's default.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def peft_route(model_dir: Path, tokenizer: Any, spec: FastWeightSpec, layers: li
         with torch.no_grad():
             for b in b_params:
                 b.zero_()  # every update starts a new session at B = 0, as ours does
-        examples = encode_pairs(tokenizer, PAIRS, config.max_seq_len)
+        examples = encode_pairs(tokenizer, PAIRS, config.max_seq_len, config.system_prompt)
         return peft_train(model, b_params, examples, config, pad_id)
 
     return update
@@ -210,7 +211,7 @@ def bench_model(size: ModelSize, model_dir: Path, config: TrainerConfig, repeats
     """Time both routes on one model and check that they reached the same loss."""
     tokenizer = load_tokenizer(model_dir)
     spec = spec_for(size.layers)
-    examples = encode_pairs(tokenizer, PAIRS, config.max_seq_len)
+    examples = encode_pairs(tokenizer, PAIRS, config.max_seq_len, config.system_prompt)
     answer_tokens = sum(ex.answer_tokens for ex in examples)
     total_tokens = sum(len(ex.input_ids) for ex in examples)
     ours_update, fast = ours_route(model_dir, tokenizer, spec, config)
