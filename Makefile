@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint bench clean redis
+.PHONY: install serve test lint bench clean redis compose
 
 install: $(VENV)/.installed-$(TARGET) redis
 
@@ -31,6 +31,13 @@ redis:
 	  || sudo -n sh -c 'apt-get update -q && apt-get install -y -q redis-server' >/dev/null 2>&1 \
 	  || { echo "could not install redis-server: install it and re-run" >&2; exit 1; }; }
 
+# The tests validate docker-compose.yml (`docker compose config`); no engine is needed for that.
+compose:
+	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 || { \
+	  echo "installing docker-compose (Debian package) to validate the compose file"; \
+	  (apt-get update -q && apt-get install -y -q docker-compose) >/dev/null 2>&1 \
+	  || echo "warning: no docker compose available; the compose validation test will skip" >&2; }
+
 $(MODEL)/config.json: | install
 	$(VENV)/bin/tmem tiny-model $(MODEL)
 
@@ -41,7 +48,7 @@ serve: install
 	@if [ "$(MODEL)" = ".cache/tiny-model" ]; then $(MAKE) --no-print-directory $(MODEL)/config.json; fi
 	$(VENV)/bin/tmem serve --model $(MODEL) --host $(HOST) --port $(PORT) $(SERVE_FLAGS)
 
-test: install
+test: install compose
 	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)
 
 lint: install

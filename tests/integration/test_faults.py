@@ -56,6 +56,18 @@ def store_call(url: str, method: str, *args: Any) -> Any:
     return asyncio.run(go())
 
 
+def assert_versions_verify(redis_url: str, sid: str, skip: tuple[int, ...] = ()) -> list[int]:
+    """Every stored version's checkpoint loads and matches its sha256 (bar ones corrupted on purpose)."""
+    from adapters.checkpoint import decode_b
+
+    versions = store_call(redis_url, "list_versions", "default", sid)
+    for version in versions:
+        if version not in skip:
+            stored = store_call(redis_url, "get_checkpoint", "default", sid, version)
+            assert decode_b(stored.data, stored.sha256)
+    return list(versions)
+
+
 def wait_for_lock(redis_url: str, sid: str, timeout_s: float = 60) -> None:
     client = redis.Redis.from_url(redis_url)
     deadline = time.monotonic() + timeout_s
@@ -93,7 +105,7 @@ def test_worker_killed_mid_update_twice_then_the_job_completes_exactly_once(
         info = session_info(api.url, sid)
         assert info["turns"] == 2 and info["pending_updates"] == 0
         assert store_call(redis_faults.url, "get_turns", "default", sid) == turns  # each turn once
-        assert store_call(redis_faults.url, "list_versions", "default", sid) == [1]  # one update, one version
+        assert assert_versions_verify(redis_faults.url, sid) == [1]  # one update, one verified version
         # Served from the one committed version (the random model's own extracted pairs and summary
         # were trained too, so the taught answers are not checked word for word here; see test_serving).
         assert greedy(api.url, PAIRS[0][0], sid)[1] == 1
@@ -110,7 +122,7 @@ def test_nan_update_is_rejected_and_the_session_keeps_its_weights(api, redis_fau
         info = session_info(api.url, sid)
         assert info["pending_updates"] == 0
         assert "update rejected" in (info["last_error"] or "")
-        assert store_call(redis_faults.url, "list_versions", "default", sid) == []
+        assert assert_versions_verify(redis_faults.url, sid) == []
         assert greedy(api.url, PAIRS[0][0], sid)[1] == 0
     finally:
         exploding.stop()
@@ -135,11 +147,13 @@ def test_redis_going_away_gives_503_for_sessions_and_stateless_still_works(api, 
     again = httpx.post(f"{api.url}/v1/chat/completions", json=body, headers={"X-Session-ID": sid}, timeout=60)
     assert again.status_code == 200
     assert session_info(api.url, sid)["turns"] == 4  # the turn acknowledged before the outage survived (AOF)
+    turns = store_call(redis_faults.url, "get_turns", "default", sid)
+    assert [t["content"] for t in turns if t["role"] == "user"] == ["hello", "hello"]  # each acknowledged turn once
+    assert_versions_verify(redis_faults.url, sid)
 
 
 def test_a_corrupted_checkpoint_is_refused_and_the_previous_version_served(
         api, redis_faults, tiny_model_dir, artifacts, sid) -> None:
-    from adapters.checkpoint import decode_b
     from server.trainer_runtime import TrainerRuntime
 
     runtime = TrainerRuntime.load(Settings(model=str(tiny_model_dir), a0_cache_dir=artifacts / "a0"))
@@ -167,8 +181,7 @@ def test_a_corrupted_checkpoint_is_refused_and_the_previous_version_served(
         assert flush(api, sid) == 3
     finally:
         survivor.stop()
-    stored = store_call(redis_faults.url, "get_checkpoint", "default", sid, 3)
-    assert decode_b(stored.data, stored.sha256)  # verifies
+    assert assert_versions_verify(redis_faults.url, sid, skip=(2,)) == [1, 2, 3]
     assert greedy(api.url, PAIRS[0][0], sid)[1] == 3
 
 
