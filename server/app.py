@@ -48,16 +48,17 @@ def create_app(settings: Settings) -> FastAPI:
                     "(set TMEM_API_KEYS or --api-keys-file; --require-auth refuses to start without keys)")
     app.middleware("http")(_count_requests)
     install_error_handlers(app)
-    register_exception(
-        StoreUnavailable,
-        lambda exc: ServiceUnavailable(
-            "session storage (Redis) is unavailable; retry shortly", retry_after=2, code="store_unavailable"
-        ),
-    )
+    register_exception(StoreUnavailable, _store_unavailable)
     for module in (chat, sessions, system):
         app.include_router(module.router)
     app.openapi = _without_422(app.openapi)  # type: ignore[method-assign]
     return app
+
+
+def _store_unavailable(exc: StoreUnavailable) -> ServiceUnavailable:
+    METRICS.store_errors.inc()
+    return ServiceUnavailable("session storage (Redis) is unavailable; retry shortly", retry_after=2,
+                              code="store_unavailable")
 
 
 def _without_422(build: Any) -> Any:

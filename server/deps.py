@@ -64,12 +64,6 @@ async def get_tenant(request: Request, authorization: Annotated[str | None, Head
     return tenant
 
 
-def get_store(services: Annotated[Services, Depends(get_services)]) -> RedisStore:
-    if services.store is None:
-        raise ServiceUnavailable("session storage is not configured", retry_after=5)
-    return services.store
-
-
 def path_session_id(session_id: Annotated[str, Path()]) -> str:
     return validate_session_id(session_id, param="session_id")
 
@@ -97,7 +91,6 @@ def turn_context(
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
-StoreDep = Annotated[RedisStore, Depends(get_store)]
 TenantDep = Annotated[str, Depends(get_tenant)]
 SessionIdDep = Annotated[str, Depends(path_session_id)]
 TurnDep = Annotated[TurnContext, Depends(turn_context)]

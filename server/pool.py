@@ -188,8 +188,6 @@ class AdapterPool:
             if resident.refs == 0:
                 await self._unload(resident)  # in use: the request's release unloads it (see `use`)
 
-    def resident_versions(self, tenant: str, sid: str) -> list[int]:
-        return sorted(r.version for r in self._resident.values() if r.key == (tenant, sid))
 
 
 def _dir_name(tenant: str, sid: str, version: int) -> str:

@@ -142,6 +142,7 @@ def test_redis_going_away_gives_503_for_sessions_and_stateless_still_works(api, 
         stateless = httpx.post(f"{api.url}/v1/chat/completions", json=body, timeout=60)
         assert stateless.status_code == 200
         assert httpx.get(f"{api.url}/health", timeout=30).json()["status"] == "degraded"
+        assert _metric(api, "tmem_store_unavailable_total") >= 2  # the two refused session requests
     finally:
         redis_faults.start()
     again = httpx.post(f"{api.url}/v1/chat/completions", json=body, headers={"X-Session-ID": sid}, timeout=60)
