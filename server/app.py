@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
 from server.auth import KeyRing, RateLimiter
 from server.chat import ChatService
@@ -46,7 +46,7 @@ def create_app(settings: Settings) -> FastAPI:
     if not app.state.auth.keys.enabled:
         log.warning("NO API KEYS CONFIGURED: the server is open to anyone who can reach it "
                     "(set TMEM_API_KEYS or --api-keys-file; --require-auth refuses to start without keys)")
-    app.middleware("http")(_count_requests)
+    app.add_middleware(RequestCounter)
     install_error_handlers(app)
     register_exception(StoreUnavailable, _store_unavailable)
     for module in (chat, sessions, system):
@@ -74,12 +74,29 @@ def _without_422(build: Any) -> Any:
     return openapi
 
 
-async def _count_requests(request: Request, call_next: Any) -> Response:
-    response: Response = await call_next(request)
-    route = request.scope.get("route")
-    # The route template, not the raw path: session ids must not become metric labels.
-    METRICS.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-    return response
+class RequestCounter:
+    """Pure ASGI (BaseHTTPMiddleware would hide client disconnects from streaming responses)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def capture(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            # The route template, not the raw path: session ids must not become metric labels.
+            route = getattr(scope.get("route"), "path", "unmatched")
+            METRICS.requests.labels(route, str(status["code"])).inc()
 
 
 @asynccontextmanager

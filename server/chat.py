@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
+
+import anyio
 
 from server.auth import RateLimiter
 from server.engine import Engine
@@ -119,7 +121,7 @@ class ChatService:
 
     async def stream(
         self, req: ChatCompletionRequest, ctx: TurnContext
-    ) -> tuple[AsyncIterator[ChatCompletionChunk], int]:
+    ) -> tuple[AsyncGenerator[ChatCompletionChunk, None], int]:
         """Prepare eagerly (so errors become HTTP errors), then return the chunk iterator and the version."""
         prep = await self.prepare(req, ctx)
         holder = self._adapter(ctx, prep.version)
@@ -128,7 +130,7 @@ class ChatService:
 
     async def _chunks(
         self, req: ChatCompletionRequest, ctx: TurnContext, prep: Prepared, holder: Any, lora: Any
-    ) -> AsyncIterator[ChatCompletionChunk]:
+    ) -> AsyncGenerator[ChatCompletionChunk, None]:
         started, sent_len, finish, n_out = time.perf_counter(), 0, None, 0
         completed = False
         try:
@@ -148,11 +150,13 @@ class ChatService:
             await self.finish_turn(ctx, prep.new_messages, completion.text)
             await self._count(ctx, len(prep.prompt_ids), n_out)
         finally:
-            if not completed:
-                # The client left (or the engine failed): the reply was never delivered, so the turn is
-                # not stored and the engine stops spending compute on it.
-                await self.engine.abort(ctx.request_id)
-            await holder.__aexit__(None, None, None)
+            # Shielded: on a disconnect Starlette cancels this task, and an unshielded await here would be
+            # cancelled too, leaving the engine generating and the adapter pinned forever.
+            with anyio.CancelScope(shield=True):
+                if not completed:
+                    # The reply was never delivered: the turn is not stored and the engine stops on it.
+                    await self.engine.abort(ctx.request_id)
+                await holder.__aexit__(None, None, None)
 
     def _adapter(self, ctx: TurnContext, version: int) -> Any:
         if ctx.session_id is None or version == 0:

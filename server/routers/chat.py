@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.deps import ServicesDep, TurnDep
@@ -21,14 +21,14 @@ VERSION_HEADER = "X-TMEM-Adapter-Version"
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatCompletionRequest, services: ServicesDep, ctx: TurnDep
+    body: ChatCompletionRequest, services: ServicesDep, ctx: TurnDep, request: Request
 ) -> JSONResponse | StreamingResponse:
     if ctx.session_id is not None and services.store is None:
         raise ServiceUnavailable("session storage is not configured", retry_after=5)
     if body.stream:
         chunks, version = await services.chat.stream(body, ctx)
         return StreamingResponse(
-            _sse(chunks),
+            _sse(chunks, request),
             media_type="text/event-stream",
             headers={VERSION_HEADER: str(version), "Cache-Control": "no-cache"},
         )
@@ -36,11 +36,19 @@ async def chat_completions(
     return JSONResponse(response.model_dump(exclude_none=True), headers={VERSION_HEADER: str(version)})
 
 
-async def _sse(chunks: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[str]:
-    """SSE framing; an error after the first byte becomes an error event followed by [DONE]."""
+async def _sse(chunks: AsyncGenerator[ChatCompletionChunk, None], request: Request) -> AsyncIterator[str]:
+    """SSE framing; an error after the first byte becomes an error event followed by [DONE].
+
+    A client that has gone stops the generation: closing `chunks` aborts the engine request, and the
+    turn, never delivered, is not stored.
+    """
     try:
         async for chunk in chunks:
+            if await request.is_disconnected():
+                return
             yield sse_event(chunk)
     except Exception as exc:
         yield error_chunk(exc)
+    finally:
+        await chunks.aclose()
     yield SSE_DONE
