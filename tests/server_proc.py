@@ -22,6 +22,13 @@ TEST_ENGINE_FLAGS = ["--dtype", "float32", "--gpu-memory-utilization", "0.08", "
 TEST_WORKER_FLAGS = ["--extraction-chunk-tokens", "384", "--extraction-max-tokens", "96", "--summary-max-tokens", "48"]
 
 
+def spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start a `tmem` subprocess in its own process group, logging to `log_path`, sharing the A0 cache."""
+    log = open(log_path, "ab")  # noqa: SIM115 - the child keeps writing after this returns
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMEM_A0_CACHE_DIR": str(log_path.parent / "a0")}
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
 class ServerProcess:
     """`tmem serve` on a free loopback port, logging to a file the test report can show."""
 
@@ -35,9 +42,7 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 240.0) -> ServerProcess:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps writing after this returns
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMEM_A0_CACHE_DIR": str(self.log_path.parent / "a0")}
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = spawn(self.cmd, self.log_path)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -81,9 +86,7 @@ class WorkerProcess:
 
     def start(self, timeout_s: float = 120.0) -> WorkerProcess:
         self.log_path.write_bytes(b"")
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps writing after this returns
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMEM_A0_CACHE_DIR": str(self.log_path.parent / "a0")}
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = spawn(self.cmd, self.log_path)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
