@@ -137,6 +137,8 @@ class ChatCompletionRequest(_RequestModel):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # vLLM's extension (its own OpenAI server accepts it too): no end-of-sequence before this many tokens.
+    min_tokens: int = Field(0, ge=0)
     stop: list[str] | None = Field(None, max_length=4)
     seed: int | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -162,6 +164,8 @@ class ChatCompletionRequest(_RequestModel):
         # ``max_tokens`` is OpenAI's deprecated spelling; when both are sent the new one counts.
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens must not exceed max_tokens")
         return self
 
     @property
@@ -195,6 +199,7 @@ class ChatCompletionRequest(_RequestModel):
                 temperature=self.temperature,  # vLLM samples greedily at 0
                 top_p=self.top_p,
                 max_tokens=max_tokens,
+                min_tokens=min(self.min_tokens, max_tokens),
                 stop=list(self.stop or []),
                 seed=self.seed,
                 presence_penalty=self.presence_penalty,

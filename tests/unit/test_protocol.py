@@ -332,3 +332,14 @@ def test_session_requests_accept_good_bodies() -> None:
     assert FlushRequest.model_validate({}).timeout is None
     assert FlushRequest.model_validate({"timeout": 600}).timeout == 600
     assert DeleteResponse(id="s1").model_dump() == {"id": "s1", "object": "session.deleted", "deleted": True}
+
+
+def test_min_tokens_reaches_the_engine_and_may_not_exceed_max_tokens() -> None:
+    from pydantic import ValidationError
+
+    from server.protocol import ChatCompletionRequest
+
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=20, min_tokens=10)
+    assert req.to_sampling_params(16, 2048, 10).min_tokens == 10
+    with pytest.raises(ValidationError, match="min_tokens"):
+        ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=5, min_tokens=10)
