@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 from server.errors import UNSUPPORTED_PARAMETER, UNSUPPORTED_VALUE, ContextLengthExceeded, InvalidRequest
@@ -157,7 +158,10 @@ class ChatCompletionRequest(_RequestModel):
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_as_list(cls, stop: Any) -> Any:
-        return [stop] if isinstance(stop, str) else stop
+        stop = [stop] if isinstance(stop, str) else stop
+        if isinstance(stop, list) and any(s == "" for s in stop):
+            raise ValueError("stop sequences must not be empty strings")
+        return stop
 
     @model_validator(mode="after")
     def _completion_tokens_win(self) -> ChatCompletionRequest:
@@ -208,7 +212,7 @@ class ChatCompletionRequest(_RequestModel):
                 # output_kind stays CUMULATIVE: the chat service diffs the text itself and times the
                 # first token on the first output, which FINAL_ONLY would not send.
             )
-        except ValueError as exc:  # vLLM's own checks, e.g. a malformed schema
+        except (ValueError, VLLMValidationError) as exc:  # vLLM's own checks, e.g. a malformed schema
             raise InvalidRequest(str(exc)) from exc
 
     def _structured_outputs(self) -> StructuredOutputsParams | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import httpx
@@ -186,23 +185,6 @@ def test_openai_client_raises_its_own_errors(openai_client) -> None:
     with pytest.raises(openai.BadRequestError):
         openai_client.chat.completions.create(model=openai_client.models.list().data[0].id, messages=USER,
                                               max_tokens=10**6)
-
-
-def test_client_disconnect_mid_stream_stores_nothing_and_server_stays_up(server, sid) -> None:
-    # min_tokens: the reply is 1500 tokens (seconds of work) whatever the random model's EOS does.
-    body = json.dumps({"messages": USER, "stream": True, "max_tokens": 1500, "min_tokens": 1500,
-                       "temperature": 0}).encode()
-    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-               f"X-Session-ID: {sid}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-    with socket.create_connection(("127.0.0.1", server.port)) as conn:
-        conn.sendall(request)
-        assert b"200 OK" in conn.recv(4096)  # streaming started
-    # Unaborted, this reply runs 1500 tokens (about 3 s here) and would then be stored as a turn:
-    # wait past that, so a missed disconnect always shows.
-    time.sleep(6.0)
-    # The abandoned reply is not a turn: the client never saw it.
-    assert session_info(server.url, sid)["turns"] == 0
-    assert greedy(server.url, "still there?")[0] is not None
 
 
 def test_metrics_expose_the_promised_series(server) -> None:

@@ -16,7 +16,8 @@ from server_proc import ServerProcess
 
 pytestmark = pytest.mark.engine
 KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef0", "carol": "carol-key-0123456789abcd",
-        "dave": "dave-key-0123456789abcdef", "*": "service-key-0123456789abcdef"}
+        "dave": "dave-key-0123456789abcdef", "*": "service-key-0123456789abcdef",
+        "erin": "erin-key-0123456789abcdefg"}
 PREFIX = "tmemauth"
 
 
@@ -25,7 +26,7 @@ def keyed(tiny_model_dir: Path, redis_main, artifacts: Path, server: ServerProce
     keys = ",".join(f"{tenant}={key}" for tenant, key in KEYS.items())
     proc = ServerProcess(tiny_model_dir, redis_main.url, artifacts / "server-keys.log", extra=[
         "--api-keys", keys, "--require-auth", "--redis-prefix", PREFIX, "--rate-limit-rpm", "40",
-        "--max-sessions-per-tenant", "3", "--max-request-bytes", "65536", "--max-completion-tokens", "64",
+        "--max-sessions-per-tenant", "3", "--max-request-bytes", "65536", "--max-completion-tokens", "1500",
         "--adapter-dir", str(artifacts / "adapters-keys"),
         # This server also exercises the paper's trigger: update once the unabsorbed text passes the budget.
         "--update-policy", "context-budget", "--context-tokens", "400"]).start()
@@ -168,9 +169,36 @@ def test_context_budget_policy_updates_only_once_the_budget_is_passed(keyed) -> 
 
 
 def test_max_tokens_above_the_configured_limit_is_400(keyed) -> None:
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1501}
     response = call(keyed, "bob", "POST", "/v1/chat/completions", json=body)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "max_tokens_too_large"
     body["max_tokens"] = 64
     assert call(keyed, "bob", "POST", "/v1/chat/completions", json=body).status_code == 200
+
+
+def test_client_disconnect_mid_stream_stores_nothing_and_server_stays_up(keyed) -> None:
+    """A client that dies mid-stream (socket reset) never saw the reply: no turn is stored.
+
+    Runs on this module's server. On the long-lived shared test server, after the rest of the suite,
+    the same check failed in 3 of 4 full runs (the reply completed and was stored); see the issue notes.
+    """
+    import socket
+    import struct
+    import time
+
+    sid = "disconnect"
+    # min_tokens: the reply is 1500 tokens (seconds of work) whatever the random model's EOS does.
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 1500,
+                       "min_tokens": 1500, "temperature": 0}).encode()
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Authorization: Bearer {KEYS['erin']}\r\nX-Session-ID: {sid}\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", keyed.port)) as conn:
+        conn.sendall(request)
+        assert b"200 OK" in conn.recv(4096)  # streaming started
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+    # Unaborted, the reply runs 1500 tokens (about 3 s here) and would then be stored: wait past that.
+    time.sleep(6.0)
+    assert call(keyed, "erin", "GET", f"/v1/sessions/{sid}").json()["turns"] == 0
+    assert call(keyed, "erin", "GET", "/v1/models").status_code == 200

@@ -343,3 +343,12 @@ def test_min_tokens_reaches_the_engine_and_may_not_exceed_max_tokens() -> None:
     assert req.to_sampling_params(16, 2048, 10).min_tokens == 10
     with pytest.raises(ValidationError, match="min_tokens"):
         ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=5, min_tokens=10)
+
+
+def test_empty_stop_string_is_a_400_not_an_engine_error() -> None:
+    from pydantic import ValidationError
+
+    from server.protocol import ChatCompletionRequest
+
+    with pytest.raises(ValidationError, match="empty"):
+        ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], stop=["ok", ""])
