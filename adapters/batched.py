@@ -11,7 +11,8 @@ Same semantics as `OnlineTrainer.update` run once per session, at a fraction of 
   get alone, and its own optimizer (SGD or Adam, own state) takes the same step.
 - **Same schedule.** Each session draws its own per-epoch permutation from its own generator seeded
   with `config.seed`, exactly as `OnlineTrainer` does; joint step k combines the k-th batch of every
-  session that still has one (sessions with fewer pairs simply finish earlier).
+  session that still has one (sessions with fewer pairs, or that reached `target_loss` at an epoch
+  boundary, simply finish earlier).
 - **Per-session NaN guard.** A session whose loss, gradient or updated B is non-finite is rejected
   alone (B returned untouched, with the reason) and dropped from later steps; the others continue.
   Its loss is left out of the summed loss, and its NaN rows reach no other session's B.
@@ -40,15 +41,15 @@ from torch import Tensor
 
 from adapters.fast_weights import FastWeightModel, SessionB
 from adapters.prefix import DecoderStack, pad_states
-from adapters.supervision import IGNORE_INDEX, Example, Pair, encode_pairs
-from adapters.trainer import TrainerConfig, UpdateResult, _make_optimizer
+from adapters.supervision import IGNORE_INDEX, Example, Supervision, encode_pairs
+from adapters.trainer import TrainerConfig, UpdateResult, _make_optimizer, reached_target
 
 DEFAULT_MAX_GROUP_SIZE = 16
 # Documented equivalence with OnlineTrainer.update in float32 (what the unit tests assert).
 B_ATOL = 1e-5
 ADAM_B_ATOL_PER_LR = 1e-2
 
-UpdateItem = tuple[SessionB, Sequence[Pair]]
+UpdateItem = tuple[SessionB, Sequence[Supervision]]
 
 
 def b_tolerance(config: TrainerConfig) -> float:
@@ -79,6 +80,7 @@ class _Session:
     schedule: list[tuple[int, list[int]]] = field(default_factory=list)
     states: list[Tensor] = field(default_factory=list)
     alive: bool = True
+    finished_early: bool = False  # reached the target loss: no further steps
 
     def reject(self, reason: str) -> None:
         self.result.reason = reason
@@ -112,7 +114,7 @@ class BatchedTrainer:
         self._a0 = {t.name: fast_model.a0[t.name].to(fast_model.device, fast_model.dtype)
                     for t in fast_model.targets}
 
-    def update(self, b: SessionB, pairs: Sequence[Pair], config: TrainerConfig | None = None) -> UpdateResult:
+    def update(self, b: SessionB, pairs: Sequence[Supervision], config: TrainerConfig | None = None) -> UpdateResult:
         """Train a copy of one session's `b` on `pairs` (a group of one); the input is never modified."""
         return self.update_many([(b, pairs)], config)[0]
 
@@ -140,7 +142,7 @@ class BatchedTrainer:
         live = [s for s in sessions if s.alive]
         self._attach_states(live)
         step = 0
-        while active := [s for s in live if s.alive and step < len(s.schedule)]:
+        while active := [s for s in live if s.alive and step < len(s.schedule) and not self._done(s, step, cfg)]:
             self._joint_step(active, step, cfg)
             step += 1
         for s in live:
@@ -150,7 +152,16 @@ class BatchedTrainer:
                 s.result.seconds = time.perf_counter() - s.started
         return [s.result for s in sessions]
 
-    def _prepare(self, b: SessionB, pairs: Sequence[Pair], cfg: TrainerConfig, started: float) -> _Session:
+    @staticmethod
+    def _done(s: _Session, step: int, cfg: TrainerConfig) -> bool:
+        """True from the first epoch boundary at which the session's loss reached `cfg.target_loss`."""
+        if s.finished_early:
+            return True
+        boundary = step > 0 and s.schedule[step][0] != s.schedule[step - 1][0]
+        s.finished_early = boundary and reached_target(s.result.losses, len(s.examples), cfg)
+        return s.finished_early
+
+    def _prepare(self, b: SessionB, pairs: Sequence[Supervision], cfg: TrainerConfig, started: float) -> _Session:
         """Encode one session's pairs and set up its trainable copy of B, optimizer and schedule."""
         examples = encode_pairs(self.tokenizer, pairs, cfg.max_seq_len, cfg.system_prompt)
         result = UpdateResult(b=b, applied=False, examples=len(examples),

@@ -1,6 +1,6 @@
-"""Extraction: the prompts that ask the model for QA pairs and a summary, and the parsers for its replies.
+"""Extraction replies → pairs: the tolerant parsers for what the model wrote (prompts: `memory_prompts`).
 
-The worker sends these messages through the engine and hands the raw reply to `parse_pairs`. That
+The worker sends the extraction messages through the engine and hands the raw reply to `parse_pairs`. That
 parser never raises: a malformed reply should cost one update its supervision, not crash the worker.
 It knows nothing of torch, HTTP, Redis or vLLM.
 """
@@ -53,62 +53,6 @@ class ParseReport:
     def ok(self) -> bool:
         """True when the reply held an array of pairs, even an empty one."""
         return self.found
-
-
-EXTRACTION_JSON_SCHEMA: dict[str, Any] = {
-    "type": "array",
-    "items": {
-        "type": "object",
-        "properties": {"instruction": {"type": "string"}, "output": {"type": "string"}},
-        "required": ["instruction", "output"],
-        "additionalProperties": False,
-    },
-}
-
-_EXTRACTION_SYSTEM = """\
-You build a memory from conversations. Read the new conversation text and write question-answer \
-pairs that a reader could later use to recall what it says.
-
-Rules:
-- Cover who, what, when and where; the user's preferences; their plans; events; and dates.
-- Every answer is short and stated explicitly in the text. Do not guess or add outside knowledge.
-- Every question stands on its own: name the people and things instead of writing "he", "she" or "it".
-- Do not repeat a pair that is already known, not even in other words, and do not repeat yourself.
-- If the text states nothing worth remembering, reply with an empty array: []
-
-Reply with ONLY a JSON array, no prose and no code fences:
-[{"instruction": "<question>", "output": "<answer>"}, ...]"""
-
-_SUMMARY_SYSTEM = """\
-You keep a running memory of a conversation with a user, as a short plain-text summary. Rewrite the \
-summary so that it also covers the new text: facts about the user, their preferences, plans, events and \
-dates. Keep what still holds, update what changed, drop small talk. Reply with the summary only."""
-
-
-def build_extraction_messages(
-    new_text: str, known_pairs: Sequence[QAPair], max_known: int = 50
-) -> list[dict[str, str]]:
-    """Chat messages asking for a JSON array of QA pairs about `new_text`, minus the known ones."""
-    recent = list(known_pairs)[-max_known:] if max_known > 0 else []
-    known = [{"instruction": p.instruction, "output": p.output} for p in recent]
-    known_block = json.dumps(known, ensure_ascii=False, indent=1) if known else "(none yet)"
-    user = (
-        f"Pairs already known (do not repeat them):\n{known_block}\n\n"
-        f"New conversation text:\n<<<\n{new_text}\n>>>\n\n"
-        "Reply with the JSON array of new pairs now ([] if there are none)."
-    )
-    return [{"role": "system", "content": _EXTRACTION_SYSTEM}, {"role": "user", "content": user}]
-
-
-def build_summary_messages(previous_summary: str, new_text: str, max_words: int = 200) -> list[dict[str, str]]:
-    """Chat messages asking to fold `new_text` into the running summary, in at most `max_words` words."""
-    previous = previous_summary.strip() or "(empty: this is the start of the conversation)"
-    user = (
-        f"Current summary:\n<<<\n{previous}\n>>>\n\n"
-        f"New conversation text:\n<<<\n{new_text}\n>>>\n\n"
-        f"Write the updated summary as plain text in at most {max_words} words."
-    )
-    return [{"role": "system", "content": _SUMMARY_SYSTEM}, {"role": "user", "content": user}]
 
 
 def normalize_question(text: str) -> str:

@@ -32,13 +32,23 @@ from ._core import (
     flush_plan,
     health_plan,
     ingest_plan,
+    memories_plan,
     models_plan,
     request_id_of,
     session_info_plan,
     teach_plan,
 )
 from ._streaming import ChunkDecoder
-from .types import ChatCompletion, ChatCompletionChunk, DeleteResult, FlushResult, HealthStatus, ModelList, SessionInfo
+from .types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    DeleteResult,
+    FlushResult,
+    HealthStatus,
+    Memory,
+    ModelList,
+    SessionInfo,
+)
 
 T = TypeVar("T")
 
@@ -125,6 +135,10 @@ class AsyncSession:
     async def teach(self, pairs: PairsInput) -> SessionInfo:
         """Teach question-answer pairs directly (QAPair, ``(question, answer)`` tuples or dicts)."""
         return await self._client._request(teach_plan(self.id, pairs))
+
+    async def memories(self) -> list[Memory]:
+        """The pairs the session learned from, oldest first, each with the adapter version it went into."""
+        return (await self._client._request(memories_plan(self.id))).data
 
     async def flush(self, timeout: float | None = None) -> FlushResult:
         """Wait until every pending update is live (at most ``timeout`` seconds server-side)."""

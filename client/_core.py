@@ -27,6 +27,7 @@ from .types import (
     DeleteResult,
     FlushResult,
     HealthStatus,
+    MemoryList,
     ModelList,
     QAPair,
     SessionInfo,
@@ -298,6 +299,11 @@ def teach_plan(session_id: str, pairs: PairsInput) -> Plan[SessionInfo]:
     """``POST /v1/sessions/{id}/memories``: train on QA pairs directly."""
     body = {"pairs": pair_list(pairs)}
     return Plan("POST", _session_path(session_id, "/memories"), decoder(SessionInfo), json=body)
+
+
+def memories_plan(session_id: str) -> Plan[MemoryList]:
+    """``GET /v1/sessions/{id}/memories``: the pairs the session learned from."""
+    return Plan("GET", _session_path(session_id, "/memories"), decoder(MemoryList))
 
 
 def flush_plan(session_id: str, timeout: float | None) -> Plan[FlushResult]:

@@ -6,6 +6,8 @@ break an older client.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 
 __all__ = [
@@ -18,6 +20,8 @@ __all__ = [
     "DeleteResult",
     "FlushResult",
     "HealthStatus",
+    "Memory",
+    "MemoryList",
     "Model",
     "ModelList",
     "QAPair",
@@ -144,6 +148,9 @@ class SessionInfo(_Lenient):
     summary: str = ""
     pending_updates: int = 0
     created_at: int = 0
+    last_error: str | None = None
+    # What the last update did: chunks, pairs extracted and kept, raw-text fallback, summary.
+    last_update: dict[str, Any] | None = None
 
 
 class FlushResult(_Lenient):
@@ -160,6 +167,22 @@ class DeleteResult(_Lenient):
     id: str
     object: str = "session.deleted"
     deleted: bool
+
+
+class Memory(_Lenient):
+    """One pair a session learned from (``source`` ``taught`` or ``extracted``) and its adapter version."""
+
+    instruction: str
+    output: str
+    source: str
+    version: int
+
+
+class MemoryList(_Lenient):
+    """A session's memories, oldest first (the newest answer to a question replaces older ones)."""
+
+    object: str = "list"
+    data: list[Memory]
 
 
 class QAPair(_Lenient):

@@ -16,7 +16,7 @@ from server.errors import Forbidden, InvalidRequest, NotFound
 from server.limits import check_max_tokens, check_messages
 from server.metrics import METRICS
 from server.pool import AdapterPool
-from server.prompting import fit_turns, new_suffix, system_text
+from server.prompting import fit_turns, new_suffix, session_system
 from server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -37,6 +37,7 @@ class TurnContext:
     record: bool = True
     idempotency_key: str | None = None
     use_adapter: bool = True  # False (header X-TMEM-Adapter: off): base model + summary, for ablations
+    use_context: bool = True  # False (header X-TMEM-Context: none): adapter only, no stored turns or summary
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -79,19 +80,24 @@ class ChatService:
         sent = [{"role": m.role, "content": m.text} for m in req.messages]
         check_messages(sent, self.settings)
         check_max_tokens(req.max_tokens, self.settings)
-        system = next((m["content"] for m in sent if m["role"] == "system"), self.settings.system_prompt)
+        # The client's system text leads; the operator's default (none unless configured) stands in for it.
+        client_system = "\n\n".join(m["content"] for m in sent if m["role"] == "system")
+        system = client_system or self.settings.system_prompt
         dialogue = [m for m in sent if m["role"] != "system"]
         if not dialogue:
             raise InvalidRequest("messages must contain at least one user or assistant message", param="messages")
         version, summary, history = 0, "", []
         if ctx.session_id is not None and self.store is not None:
             state = await self.open_session(ctx.tenant, ctx.session_id)
-            version, summary = (state.adapter_version if ctx.use_adapter else 0), state.summary
-            start = state.absorbed_turns if self.settings.update_policy == "context-budget" else 0
-            history = await self.store.get_turns(ctx.tenant, ctx.session_id, max(start, state.turns - 400))
+            version = state.adapter_version if ctx.use_adapter else 0
+            if ctx.use_context:
+                summary = state.summary
+                start = state.absorbed_turns if self.settings.update_policy == "context-budget" else 0
+                history = await self.store.get_turns(ctx.tenant, ctx.session_id, max(start, state.turns - 400))
         new_messages = new_suffix(history, dialogue) if history else dialogue
         budget = self.settings.context_tokens
-        prompt_ids, _ = fit_turns(self.engine.tokenizer, system_text(system, summary), history + new_messages, budget)
+        tokenizer = self.engine.tokenizer
+        prompt_ids, _ = fit_turns(tokenizer, session_system(tokenizer, system, summary), history + new_messages, budget)
         params = req.to_sampling_params(self.settings.default_max_tokens, self.engine.max_model_len, len(prompt_ids))
         return Prepared(prompt_ids, params, version, new_messages, model)
 

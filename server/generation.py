@@ -44,7 +44,9 @@ class EngineGenerator:
         room = self.engine.max_model_len - len(ids)
         if room < 1:
             return ""  # the extraction prompt alone overflows the window: nothing to extract this time
-        structured = StructuredOutputsParams(json=json_schema) if (json_schema and self.structured) else None
+        # No free whitespace: a weak model otherwise pads the JSON with spaces until max_tokens.
+        structured = (StructuredOutputsParams(json=json_schema, disable_any_whitespace=True)
+                      if (json_schema and self.structured) else None)
         params = SamplingParams(temperature=0.0, max_tokens=min(max_tokens, room), structured_outputs=structured)
         text = ""
         async with self.pool.use(tenant, sid, version) as (_, lora):

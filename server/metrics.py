@@ -33,7 +33,11 @@ class Metrics:
         self.extraction_failures = Counter(
             "tmem_extraction_failures_total", "extraction outputs with no usable JSON array", registry=r
         )
-        self.pairs_extracted = Counter("tmem_pairs_extracted_total", "QA pairs extracted", registry=r)
+        self.pairs_extracted = Counter("tmem_pairs_extracted_total", "QA pairs extracted and kept by the filter",
+                                       registry=r)
+        self.summaries_refused = Counter(
+            "tmem_summaries_refused_total", "model-written summaries refused (empty, or echoing the prompt)",
+            registry=r)
         self.train_loss = Gauge("tmem_training_loss", "final loss of the last applied update", registry=r)
         self.adapters_resident = Gauge("tmem_adapters_resident", "adapter versions loaded in the engine", registry=r)
         self.hot_swap_seconds = Histogram(

@@ -222,7 +222,8 @@ class ChatCompletionRequest(_RequestModel):
         if fmt.type == "json_object":
             return StructuredOutputsParams(json_object=True)
         assert fmt.json_schema is not None  # guaranteed by ResponseFormat's validator
-        return StructuredOutputsParams(json=fmt.json_schema.json_schema)
+        # Compact JSON (still valid JSON): free whitespace lets small models pad until max_tokens.
+        return StructuredOutputsParams(json=fmt.json_schema.json_schema, disable_any_whitespace=True)
 
 
 # --- chat responses --------------------------------------------------------------------------
@@ -376,11 +377,16 @@ class SessionMessagesRequest(_RequestModel):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
+# A taught pair is one fact: a question and its answer, each a sentence or a short paragraph at most.
+MAX_TEACH_INSTRUCTION_CHARS = 1000
+MAX_TEACH_OUTPUT_CHARS = 2000
+
+
 class QAPairIn(_RequestModel):
     """A question-answer pair to teach a session directly."""
 
-    instruction: str
-    output: str
+    instruction: str = Field(max_length=MAX_TEACH_INSTRUCTION_CHARS)
+    output: str = Field(max_length=MAX_TEACH_OUTPUT_CHARS)
 
     @field_validator("instruction", "output")
     @classmethod
@@ -414,6 +420,24 @@ class SessionInfo(BaseModel):
     created_at: int
     # Why the last update was rejected (e.g. a NaN loss); cleared by the next committed update.
     last_error: str | None = None
+    # What the last committed update did: chunks, pairs extracted and kept, raw-text fallback, summary.
+    last_update: dict[str, Any] | None = None
+
+
+class Memory(BaseModel):
+    """One pair a session learned from, and the adapter version it went into."""
+
+    instruction: str
+    output: str
+    source: Literal["taught", "extracted"]
+    version: int
+
+
+class MemoryList(BaseModel):
+    """The pairs a session learned from, oldest first; a newer answer to the same question replaces an older one."""
+
+    object: Literal["list"] = "list"
+    data: list[Memory]
 
 
 class FlushResponse(BaseModel):

@@ -9,11 +9,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from adapters.extraction import normalize_question
 from server.chat import ChatService
 from server.errors import InvalidRequest, NotFound, ServiceUnavailable
 from server.limits import check_messages
 from server.pool import AdapterPool
-from server.protocol import SessionInfo
+from server.protocol import Memory, SessionInfo
 from server.settings import Settings
 from server.store import RedisStore, SessionState
 
@@ -29,6 +30,7 @@ def session_info(state: SessionState) -> SessionInfo:
         pending_updates=state.pending_updates,
         created_at=int(state.created_at),
         last_error=state.last_error,
+        last_update=state.last_update,
     )
 
 
@@ -78,6 +80,17 @@ class SessionService:
             await asyncio.sleep(_FLUSH_POLL_S)
             state = await self.get(tenant, sid)
         return state
+
+    async def memories(self, tenant: str, sid: str) -> list[Memory]:
+        """The session's learned pairs, oldest first, one per question (the newest answer wins)."""
+        await self.get(tenant, sid)
+        latest: dict[str, Memory] = {}
+        for raw in await self.store.get_memories(tenant, sid, self.settings.max_memories):
+            memory = Memory.model_validate(raw)
+            key = normalize_question(memory.instruction)
+            latest.pop(key, None)  # re-inserted last: the list stays in learning order
+            latest[key] = memory
+        return list(latest.values())
 
     async def adapter_archive(self, tenant: str, sid: str) -> tuple[bytes, int]:
         """The live version as a .tar.gz of its PEFT directory, and the version number."""

@@ -10,9 +10,12 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from adapters.memory_prompts import ExtractionFormat
 from adapters.spec import FastWeightSpec
-from adapters.trainer import TrainerConfig
+from adapters.trainer import TRAINER_PRESETS, TrainerConfig, TrainerPresetName
 
+# `tmem demo-model` writes SmolLM2-135M-Instruct here; `tmem serve` builds it on first use.
+DEMO_MODEL_DIR = ".cache/demo-model"
 UpdatePolicy = Literal["every-turn", "context-budget"]
 _PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "password", "your-api-key", "sk-xxx", "example", "test"}
 
@@ -46,7 +49,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TMEM_", env_file=".env", extra="ignore")
 
     # Model and engine
-    model: str = Field(".cache/tiny-model", description="local directory or Hugging Face model id")
+    model: str = Field(DEMO_MODEL_DIR, description="local directory or Hugging Face model id")
     served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -67,7 +70,8 @@ class Settings(BaseSettings):
     context_tokens: int = Field(4096, ge=64, description="token budget of the working context (prompt)")
     update_policy: UpdatePolicy = "every-turn"
     default_max_tokens: int = Field(256, ge=1)
-    system_prompt: str = "You are a helpful assistant with a long-term memory of this conversation."
+    system_prompt: str | None = Field(
+        None, description="system text for requests that send none (default: none, exactly as `vllm serve`)")
     adapter_dir: Path = Field(default_factory=_default_adapter_dir)
     a0_cache_dir: Path = Path(".cache/a0")
 
@@ -77,10 +81,12 @@ class Settings(BaseSettings):
     last_layers: int = 4
     rank: int = 6
     a_init: Literal["svd", "random"] = "svd"
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = 5e-4
-    epochs: int = 5
-    batch_size: int = 16
+    trainer_preset: TrainerPresetName = Field(
+        "default", description="trainer settings: `default` (calibrated on SmolLM2-135M) or `paper` (SGD 5e-4)")
+    optimizer: Literal["sgd", "adam"] | None = Field(None, description="overrides the preset's optimizer")
+    lr: float | None = Field(None, gt=0, description="overrides the preset's learning rate")
+    epochs: int | None = Field(None, ge=1, description="overrides the preset's epochs per update")
+    batch_size: int | None = Field(None, ge=1, description="overrides the preset's batch size")
     train_seed: int = 0
     max_train_seq_len: int = 512
 
@@ -88,10 +94,20 @@ class Settings(BaseSettings):
     worker: Literal["inline", "off"] = Field("inline", description="run the update worker inside `serve`")
     update_group_size: int = Field(16, ge=1, description="pending sessions trained together in one pass")
     worker_threads: int = Field(1, ge=1, description="torch threads the trainer may use")
-    extraction_max_tokens: int = 512
-    extraction_known_pairs: int = Field(20, ge=0, description="earlier pairs shown in the extraction prompt")
-    extraction_chunk_tokens: int = Field(1024, ge=64, description="new text per extraction prompt (chunked)")
-    summary_max_tokens: int = 256
+    supervision: Literal["qa", "raw", "qa+raw"] = Field(
+        "qa", description="qa: extracted pairs, raw text where a chunk yields none; raw: text only; qa+raw: both")
+    summary_mode: Literal["pairs", "model", "off"] = Field(
+        "pairs", description="summary memory: notes from the learned pairs, model-written (the paper's), or none")
+    extraction_max_pairs: int = Field(4, ge=1, le=32, description="pairs one extraction reply may hold")
+    extraction_question_chars: int = Field(80, ge=8, description="longest question an extraction may write")
+    extraction_answer_chars: int = Field(48, ge=4, description="longest answer an extraction may write")
+    extraction_max_tokens: int | None = Field(None, ge=8, description="default: what a full bounded reply needs")
+    extraction_known_pairs: int = Field(8, ge=0, description="earlier pairs shown in the extraction prompt")
+    extraction_chunk_tokens: int = Field(
+        160, ge=16, description="longest extraction chunk; a chunk is one exchange, longer ones are split")
+    max_memories: int = Field(512, ge=1, description="learned pairs kept per session (newest)")
+    summary_max_tokens: int = 160
+    summary_max_facts: int = Field(24, ge=1, description="newest pairs in a `pairs` summary")
     extraction_structured: bool = True
     job_reclaim_idle_ms: int = Field(60_000, ge=100, description="a job unacked this long is taken over")
     job_lock_ttl_ms: int = Field(30_000, ge=500, description="a session's update lock lapses this long after a crash")
@@ -155,12 +171,13 @@ class Settings(BaseSettings):
         )
 
     def trainer_config(self) -> TrainerConfig:
-        return TrainerConfig(
-            optimizer=self.optimizer,
-            lr=self.lr,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            seed=self.train_seed,
-            max_seq_len=self.max_train_seq_len,
-            system_prompt=self.system_prompt,
-        )
+        """The preset, with any explicitly set optimizer, lr, epochs or batch size on top."""
+        overrides = {name: getattr(self, name) for name in ("optimizer", "lr", "epochs", "batch_size")
+                     if getattr(self, name) is not None}
+        base = TRAINER_PRESETS[self.trainer_preset]
+        return base.model_copy(update={**overrides, "seed": self.train_seed, "max_seq_len": self.max_train_seq_len,
+                                       "system_prompt": self.system_prompt})
+
+    def extraction_format(self) -> ExtractionFormat:
+        return ExtractionFormat(max_pairs=self.extraction_max_pairs, max_question_chars=self.extraction_question_chars,
+                                max_answer_chars=self.extraction_answer_chars)

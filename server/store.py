@@ -6,7 +6,8 @@ session on one slot and its Lua scripts stay single-slot. `tenant` and `sid` are
 caller and must not contain braces.
 
 Keys, per session: `:meta` (hash), `:turns` (list of message JSON), `:teach` (list of pair JSON),
-`:ckpt:{n}` (hash: data, sha256, created_at), `:idem:{key}` (string, TTL), `:lock`, `:keys` (set of
+`:memories` (list of the pairs learned from, JSON, bounded), `:ckpt:{n}` (hash: data, sha256,
+created_at), `:idem:{key}` (string, TTL), `:lock`, `:keys` (set of
 the dynamic keys above, so deletion needs no SCAN). Global: `{prefix}:a0:{identity}` (bytes); the job
 stream, its consumer group and the versions channel are in `server.store_jobs`. Lua scripts are in
 `server.store_scripts`.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +76,7 @@ class SessionState(BaseModel):
     job_pending: bool = False
     last_error: str | None = None
     last_job: str | None = None  # job_id of the last commit: a job with this id has nothing left to do
+    last_update: dict[str, Any] | None = None  # what the last committed update did (pairs, fallback, summary)
 
     @property
     def pending_updates(self) -> int:
@@ -211,6 +214,7 @@ class RedisStore(JobQueue):
             job_pending="job_pending_since" in meta,
             last_error=meta.get("last_error") or None,
             last_job=meta.get("last_job") or None,
+            last_update=json.loads(meta["last_update"]) if meta.get("last_update") else None,
         )
 
     @faults_as_unavailable
@@ -282,7 +286,7 @@ class RedisStore(JobQueue):
     async def delete_session(self, tenant: str, sid: str) -> bool:
         """Remove every key of the session (jobs already queued for it find an empty snapshot); True when any."""
         keyset = self._key(tenant, sid, "keys")
-        fixed = [self._key(tenant, sid, s) for s in ("meta", "turns", "teach", "lock", "keys")]
+        fixed = [self._key(tenant, sid, s) for s in ("meta", "turns", "teach", "memories", "lock", "keys")]
         # The set names every dynamic key (checkpoints, idempotency keys), so no keyspace-wide SCAN is
         # needed; WATCH retries the delete when a concurrent write adds a key to the set meanwhile.
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -339,8 +343,12 @@ class RedisStore(JobQueue):
         sha256: str | None,
         summary: str | None,
         job_id: str,
+        memories: Sequence[dict[str, Any]] = (),
+        report: dict[str, Any] | None = None,
+        max_memories: int = 512,
     ) -> CommitResult:
-        """Apply one update atomically: new checkpoint + version, absorbed turns, trimmed teach pairs, summary.
+        """Apply one update atomically: new checkpoint + version, absorbed turns, trimmed teach pairs, summary,
+        the memories it learned from (stamped with the version) and its report.
 
         Raises StaleSnapshot (writing nothing) when another commit happened since the snapshot, or the
         session was deleted. Announces the resulting version on the versions channel.
@@ -352,6 +360,7 @@ class RedisStore(JobQueue):
             self._key(tenant, sid, "teach"),
             self._key(tenant, sid, f"ckpt:{snapshot.version + 1}"),
             self._key(tenant, sid, "keys"),
+            self._key(tenant, sid, "memories"),
         ]
         args: list[Any] = [
             snapshot.version,
@@ -368,6 +377,9 @@ class RedisStore(JobQueue):
             self.versions_channel,
             tenant,
             sid,
+            max(1, max_memories),
+            json.dumps(report or {}, ensure_ascii=False),
+            *(json.dumps(m, ensure_ascii=False) for m in memories),
         ]
         status, *rest = await self._commit(keys=keys, args=args)
         if status == -1:
@@ -377,6 +389,12 @@ class RedisStore(JobQueue):
                 f"session {tenant}/{sid} moved on from version {snapshot.version} (now {rest[0]}) since the snapshot"
             )
         return CommitResult(version=int(rest[0]), bumped=bool(rest[1]))
+
+    @faults_as_unavailable
+    async def get_memories(self, tenant: str, sid: str, limit: int = 512) -> list[dict[str, Any]]:
+        """The newest `limit` stored memories, oldest first: {instruction, output, source, version, ...}."""
+        raw = await self._redis.lrange(self._key(tenant, sid, "memories"), -max(1, limit), -1)
+        return [json.loads(r) for r in raw]
 
     @faults_as_unavailable
     async def get_checkpoint(self, tenant: str, sid: str, version: int) -> StoredCheckpoint | None:

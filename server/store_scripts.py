@@ -51,10 +51,10 @@ local teach = redis.call('LRANGE', KEYS[3], 0, -1)
 return {m[1] or '0', m[2] or '0', tostring(absorbed), tostring(total), m[4] or '', new, teach}
 """
 
-# KEYS: meta, teach, ckpt:{version+1}, key-set
+# KEYS: meta, teach, ckpt:{version+1}, key-set, memories
 # ARGV: 1 expected version, 2 expected generation, 3 turns_total, 4 teach_count, 5 has checkpoint (0/1),
 #       6 checkpoint bytes, 7 sha256, 8 has summary (0/1), 9 summary, 10 job_id, 11 now, 12 channel,
-#       13 tenant, 14 sid
+#       13 tenant, 14 sid, 15 max memories kept, 16 last-update report JSON, 17.. memory JSON objects
 # Returns {-1} when the session is gone, {0, version} on a stale snapshot, {1, version, bumped} on success.
 COMMIT_UPDATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
@@ -72,11 +72,19 @@ if ARGV[5] == '1' then
   redis.call('HSET', KEYS[1], 'version', version, 'adapter_sha256', ARGV[7])
   bumped = 1
 end
+-- The memories this update learned from, stamped with the version they went into (bounded list).
+for i = 17, #ARGV do
+  local memory = cjson.decode(ARGV[i])
+  memory['version'] = version
+  redis.call('RPUSH', KEYS[5], cjson.encode(memory))
+end
+if #ARGV >= 17 then redis.call('LTRIM', KEYS[5], -tonumber(ARGV[15]), -1) end
 local absorbed = math.max(tonumber(m[3]) or 0, tonumber(ARGV[3]))
 local teach_count = tonumber(ARGV[4])
 if teach_count > 0 then redis.call('LTRIM', KEYS[2], teach_count, -1) end
 if ARGV[8] == '1' then redis.call('HSET', KEYS[1], 'summary', ARGV[9]) end
-redis.call('HSET', KEYS[1], 'absorbed_turns', absorbed, 'last_job', ARGV[10], 'updated_at', ARGV[11])
+redis.call('HSET', KEYS[1], 'absorbed_turns', absorbed, 'last_job', ARGV[10], 'updated_at', ARGV[11],
+           'last_update', ARGV[16])
 redis.call('HINCRBY', KEYS[1], 'generation', 1)
 redis.call('HDEL', KEYS[1], 'last_error')
 redis.call('PUBLISH', ARGV[12], cjson.encode({tenant = ARGV[13], sid = ARGV[14], version = version}))

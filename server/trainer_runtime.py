@@ -15,7 +15,7 @@ from adapters.a_init import model_identity
 from adapters.batched import BatchedTrainer
 from adapters.checkpoint import Checkpoint, decode_b, encode_b
 from adapters.fast_weights import FastWeightModel, SessionB
-from adapters.supervision import Pair
+from adapters.supervision import Supervision
 from adapters.trainer import OnlineTrainer, TrainerConfig, UpdateResult
 from server.settings import Settings
 
@@ -54,10 +54,10 @@ class TrainerRuntime:
     def zero_b(self) -> SessionB:
         return self.fast.zero_b()
 
-    def update(self, b: SessionB, pairs: Sequence[Pair]) -> UpdateResult:
+    def update(self, b: SessionB, pairs: Sequence[Supervision]) -> UpdateResult:
         return self.batched.update(b, pairs)
 
-    def update_many(self, items: Sequence[tuple[SessionB, Sequence[Pair]]]) -> list[UpdateResult]:
+    def update_many(self, items: Sequence[tuple[SessionB, Sequence[Supervision]]]) -> list[UpdateResult]:
         """Several sessions' updates; each result equals what `update` would give for that session alone."""
         return self.batched.update_many(items)
 

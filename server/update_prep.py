@@ -1,28 +1,55 @@
-"""Everything an update needs before training: the session's new text read in window-sized chunks,
-QA pairs extracted and a summary refreshed through the session's own adapter, and its current B."""
+"""Everything an update needs before training: the session's new text in small chunks, QA pairs extracted
+from each chunk through the session's own adapter and filtered, the supervision built from them (raw
+text where a chunk yields none), the refreshed summary, and the B to start from.
+
+Nothing is learned silently or not at all: every update reports what it extracted, kept and fell back
+to (`UpdateReport`, shown as the session's `last_update`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel
+
 from adapters.checkpoint import Checkpoint, CheckpointError
-from adapters.extraction import (
-    EXTRACTION_JSON_SCHEMA,
-    QAPair,
+from adapters.extraction import QAPair, parse_pairs, parse_summary
+from adapters.grounding import filter_pairs, pair_key
+from adapters.memory_prompts import (
+    EXAMPLE_PAIRS,
+    as_user_question,
     build_extraction_messages,
     build_summary_messages,
-    parse_pairs,
-    parse_summary,
+    summary_refusal,
 )
+from adapters.supervision import ContextPair, RawText, Supervision
 from server.generation import SessionGenerator
 from server.metrics import METRICS
+from server.prompting import session_system
 from server.settings import Settings
 from server.store import Job, RedisStore, UpdateSnapshot
 from server.trainer_runtime import TrainerRuntime
 
 log = logging.getLogger(__name__)
+
+
+class UpdateReport(BaseModel):
+    """What one update did, in numbers a user can check (the session's `last_update`)."""
+
+    chunks: int = 0
+    replies_parsed: int = 0  # extraction replies that held a JSON array (every one, with structured output)
+    pairs_extracted: int = 0  # pairs the extraction replies held
+    pairs_kept: int = 0  # of those, grounded in the text, new, and not copied from the prompt
+    pairs_taught: int = 0
+    raw_chunks: int = 0  # chunks trained on as raw text (the fallback, or supervision raw / qa+raw)
+    fallback: bool = False  # some chunk yielded no usable pair and was learned as raw text instead
+    examples: int = 0  # training examples (pairs under each rendering, raw-text windows)
+    summary: str = "unchanged"  # updated | unchanged | refused: <why>
+    dropped: dict[str, int] = {}  # reason → count, for the pairs the filter dropped
+    final_loss: float | None = None
 
 
 @dataclass
@@ -31,72 +58,128 @@ class PreparedUpdate:
 
     job: Job
     snap: UpdateSnapshot
-    pairs: list[QAPair]
+    supervision: list[Supervision]
+    memories: list[dict[str, Any]]  # the pairs learned from, as stored in the session's memory list
     summary: str | None
-    b: Any = None  # the B to train from (set only when there are pairs)
+    report: UpdateReport
+    b: Any = None  # the B to train from (set only when there is supervision)
     checkpoint: Checkpoint | None = None  # set by training when the update applied
-    rejection: str | None = None  # set by training when the update was rejected (NaN/inf)
+    rejection: str | None = None  # set by training when the update was rejected (NaN/inf, nothing to train)
+
+
+@dataclass
+class _Extracted:
+    """One chunk's extraction: the chunk, and the pairs the filter kept from it."""
+
+    text: str
+    kept: list[QAPair] = field(default_factory=list)
 
 
 class UpdatePreparer:
-    """Turns a claimed job's snapshot into pairs, a summary and the B to start from."""
+    """Turns a claimed job's snapshot into supervision, memories, a summary and the B to start from."""
 
     def __init__(self, store: RedisStore, runtime: TrainerRuntime, generator: SessionGenerator,
                  settings: Settings) -> None:
         self.store, self.runtime, self.generator, self.settings = store, runtime, generator, settings
+        self.format = settings.extraction_format()
 
     async def prepare(self, job: Job) -> PreparedUpdate:
         snap = await self.store.claim_snapshot(job.tenant, job.sid)
-        pairs = [QAPair(instruction=p["instruction"], output=p["output"]) for p in snap.teach_pairs]
-        summary: str | None = None
-        # Long ingests are read chunk by chunk, each fitting the window; the summary rolls forward.
-        running = snap.summary
-        for text in self.chunks(snap.new_turns):
-            pairs += await self._extract(job, snap, text, known=pairs)
-            running = await self._summarize(job, snap, running, text) or running
-            summary = running
-        prepared = PreparedUpdate(job, snap, pairs, summary)
-        if pairs:
+        known = [QAPair(instruction=m["instruction"], output=m["output"])
+                 for m in await self.store.get_memories(job.tenant, job.sid, self.settings.max_memories)]
+        taught = [QAPair(instruction=p["instruction"], output=p["output"]) for p in snap.teach_pairs]
+        report = UpdateReport(pairs_taught=len(taught))
+        texts = chunk_turns(self.runtime.trainer.tokenizer, snap.new_turns, self.settings.extraction_chunk_tokens)
+        chunks = await self._extract_all(job, snap, texts, [*known, *taught], report)
+        extracted = [pair for chunk in chunks for pair in chunk.kept]
+        raw = [RawText(c.text) for c in chunks if self._learn_raw(c)]
+        report.raw_chunks, report.fallback = len(raw), self.settings.supervision == "qa" and bool(raw)
+        summary = await self._summary(job, snap, [*known, *taught, *extracted], [c.text for c in chunks], report)
+        learned = [*taught, *extracted]
+        supervision = [*self._rendered(learned, summary if summary is not None else snap.summary), *raw]
+        memories = [{"instruction": p.instruction, "output": p.output, "source": "taught"} for p in taught]
+        memories += [{"instruction": p.instruction, "output": p.output, "source": "extracted"} for p in extracted]
+        prepared = PreparedUpdate(job, snap, supervision, memories, summary, report)
+        if supervision:
             prepared.b = await self.current_b(job, snap.version)
         return prepared
 
-    def chunks(self, turns: list[dict[str, str]]) -> list[str]:
-        """Turns as text blocks of at most `extraction_chunk_tokens` tokens (a longer single turn is cut)."""
+    def _learn_raw(self, chunk: _Extracted) -> bool:
+        mode = self.settings.supervision
+        return mode != "qa" or not chunk.kept
+
+    def _rendered(self, pairs: list[QAPair], summary: str) -> list[Supervision]:
+        """Each pair as serving renders its question: without memory, and under the session's memory if any."""
         tokenizer = self.runtime.trainer.tokenizer
-        budget = self.settings.extraction_chunk_tokens
-        chunks: list[str] = []
-        lines: list[str] = []
-        used = 0
-        for line in (as_text([turn]) for turn in turns):
-            ids = tokenizer.encode(line, add_special_tokens=False)
-            if len(ids) > budget:
-                line, ids = tokenizer.decode(ids[:budget]), ids[:budget]
-            if lines and used + len(ids) > budget:
-                chunks.append("\n".join(lines))
-                lines, used = [], 0
-            lines.append(line)
-            used += len(ids)
-        if lines:
-            chunks.append("\n".join(lines))
+        bare = session_system(tokenizer, self.settings.system_prompt, "")
+        with_memory = session_system(tokenizer, self.settings.system_prompt, summary)
+        contexts = [bare] if with_memory == bare else [bare, with_memory]
+        return [ContextPair(p.instruction, p.output, system) for system in contexts for p in pairs]
+
+    async def _extract_all(self, job: Job, snap: UpdateSnapshot, texts: list[str], known: list[QAPair],
+                           report: UpdateReport) -> list[_Extracted]:
+        """Extract every chunk concurrently (vLLM batches them), then filter in order against what came before."""
+        replies = await asyncio.gather(*(self._extract(job, snap, text, known) for text in texts))
+        seen = list(known)
+        chunks = []
+        for text, (parsed, pairs) in zip(texts, replies, strict=True):
+            report.replies_parsed += parsed
+            result = filter_pairs(pairs, text, known=seen, examples=EXAMPLE_PAIRS)
+            report.pairs_extracted += len(pairs)
+            for _, reason in result.dropped:
+                report.dropped[reason] = report.dropped.get(reason, 0) + 1
+            seen += result.kept
+            chunks.append(_Extracted(text, result.kept))
+        report.chunks = len(chunks)
+        report.pairs_kept = sum(len(c.kept) for c in chunks)
+        METRICS.pairs_extracted.inc(report.pairs_kept)
         return chunks
 
-    async def _extract(self, job: Job, snap: UpdateSnapshot, text: str, known: list[QAPair]) -> list[QAPair]:
-        # The newest pairs are shown (to avoid repeats) within a bounded prompt; all are used for dedupe.
+    async def _extract(self, job: Job, snap: UpdateSnapshot, text: str,
+                       known: list[QAPair]) -> tuple[bool, list[QAPair]]:
+        """Whether the reply parsed, and its pairs with the questions put in the user's words."""
+        if self.settings.supervision == "raw":
+            return True, []
         messages = build_extraction_messages(text, known, max_known=self.settings.extraction_known_pairs)
-        raw = await self.generator.generate(job.tenant, job.sid, snap.version, messages,
-                                            self.settings.extraction_max_tokens, EXTRACTION_JSON_SCHEMA)
-        report = parse_pairs(raw, known=known)
-        if not report.ok:
+        max_tokens = self.settings.extraction_max_tokens or self.format.token_budget()
+        raw = await self.generator.generate(job.tenant, job.sid, snap.version, messages, max_tokens,
+                                            self.format.schema())
+        parsed = parse_pairs(raw)
+        if not parsed.ok:
             METRICS.extraction_failures.inc()
-            log.info("extraction for %s/%s gave no JSON array: %s", job.tenant, job.sid, report.problems[:3])
-        METRICS.pairs_extracted.inc(len(report.pairs))
-        return report.pairs
+            log.info("extraction for %s/%s gave no JSON array: %s", job.tenant, job.sid, parsed.problems[:3])
+        return parsed.ok, [QAPair(instruction=as_user_question(p.instruction), output=p.output) for p in parsed.pairs]
 
-    async def _summarize(self, job: Job, snap: UpdateSnapshot, previous: str, text: str) -> str | None:
+    async def _summary(self, job: Job, snap: UpdateSnapshot, learned: list[QAPair], texts: list[str],
+                       report: UpdateReport) -> str | None:
+        """The new summary, or None to keep the stored one (mode off, nothing new, or a refused reply)."""
+        mode = self.settings.summary_mode
+        if mode == "off" or (not texts and not report.pairs_taught):
+            return None
+        if mode == "pairs":
+            summary = pairs_summary(learned, self.settings.summary_max_facts)
+        else:
+            summary = snap.summary
+            for text in texts:  # rolls forward chunk by chunk, each refusal keeps the previous notes
+                summary = await self._summarize(job, snap, summary, text, report) or summary
+        if summary == snap.summary:
+            return None
+        report.summary = "updated" if not report.summary.startswith("refused") else report.summary
+        return summary
+
+    async def _summarize(self, job: Job, snap: UpdateSnapshot, previous: str, text: str,
+                         report: UpdateReport) -> str | None:
         messages = build_summary_messages(previous, text)
         raw = await self.generator.generate(job.tenant, job.sid, snap.version, messages,
                                             self.settings.summary_max_tokens)
-        return parse_summary(raw) or None
+        summary = parse_summary(raw)
+        refusal = summary_refusal(summary)
+        if refusal:
+            METRICS.summaries_refused.inc()
+            report.summary = f"refused: {refusal}"
+            log.info("summary for %s/%s refused: %s", job.tenant, job.sid, refusal)
+            return None
+        return summary
 
     async def current_b(self, job: Job, version: int) -> Any:
         """B of the live version, or of the newest earlier one that verifies: a corrupt one is never built on."""
@@ -110,6 +193,61 @@ class UpdatePreparer:
                 METRICS.checkpoint_faults.inc()
                 log.error("checkpoint %s/%s@v%d refused: %s", job.tenant, job.sid, candidate, exc)
         return self.runtime.zero_b()
+
+
+def chunk_turns(tokenizer: Any, turns: list[dict[str, str]], budget: int) -> list[str]:
+    """Turns as extraction chunks: one exchange each (a user message and the replies to it), and any
+    piece longer than `budget` tokens split between words, never cut.
+
+    Small chunks are what a weak model extracts well: measured on SmolLM2-135M, a chunk holding one
+    fact gave the right pair far more often than a chunk holding two or more.
+    """
+    chunks: list[str] = []
+    lines: list[str] = []
+    used = 0
+    for turn in turns:
+        if lines and turn.get("role") == "user":  # a new exchange starts a new chunk
+            chunks.append("\n".join(lines))
+            lines, used = [], 0
+        for piece, size in _pieces(tokenizer, as_text([turn]), budget):
+            if lines and used + size > budget:
+                chunks.append("\n".join(lines))
+                lines, used = [], 0
+            lines.append(piece)
+            used += size
+    if lines:
+        chunks.append("\n".join(lines))
+    return chunks
+
+
+def _pieces(tokenizer: Any, text: str, budget: int) -> list[tuple[str, int]]:
+    """`text` with its token count, or split between words into pieces of at most `budget` tokens each."""
+    size = len(tokenizer.encode(text, add_special_tokens=False))
+    if size <= budget:
+        return [(text, size)]
+    pieces: list[tuple[str, int]] = []
+    words: list[str] = []
+    used = 0
+    for word in text.split(" "):
+        cost = len(tokenizer.encode(" " + word, add_special_tokens=False))
+        if words and used + cost > budget:
+            pieces.append((" ".join(words), used))
+            words, used = [], 0
+        words.append(word)
+        used += cost
+    pieces.append((" ".join(words), used))
+    return pieces
+
+
+def pairs_summary(pairs: list[QAPair], max_facts: int) -> str:
+    """Notes from the newest learned pairs, one per question (a newer answer replaces an older one)."""
+    latest: dict[str, QAPair] = {}
+    for pair in pairs:
+        key = pair_key(pair)[0]
+        latest.pop(key, None)
+        latest[key] = pair
+    newest = list(latest.values())[-max_facts:]
+    return "\n".join(f"- {p.instruction} {p.output}" for p in newest)
 
 
 def as_text(messages: list[dict[str, str]]) -> str:

@@ -94,21 +94,23 @@ class UpdateWorker:
                 return
 
     async def _train(self, prepared: list[PreparedUpdate]) -> None:
-        """Train every session with pairs in one batched pass; record each result on its PreparedUpdate."""
-        trainable = [p for p in prepared if p.pairs]
+        """Train every session with supervision in one batched pass; record each result on its PreparedUpdate."""
+        trainable = [p for p in prepared if p.supervision]
         for p in prepared:
-            if not p.pairs and (p.snap.new_turns or p.snap.teach_pairs):
+            if not p.supervision and (p.snap.new_turns or p.snap.teach_pairs):
                 METRICS.updates.labels("no-pairs").inc()
+                p.rejection = "nothing to learn: the new text gave no supervision"
         if not trainable:
             return
         started = time.perf_counter()
-        items = [(p.b, p.pairs) for p in trainable]
+        items = [(p.b, p.supervision) for p in trainable]
         results = await asyncio.to_thread(self.runtime.update_many, items)
         METRICS.update_seconds.labels("train").observe(time.perf_counter() - started)
         METRICS.update_group_size.observe(len(trainable))
         if len(trainable) > 1:
             METRICS.batched_passes.inc()
         for p, result in zip(trainable, results, strict=True):
+            p.report.examples, p.report.final_loss = result.examples, result.final_loss
             if result.applied:
                 METRICS.updates.labels("applied").inc()
                 if result.final_loss is not None:
@@ -128,7 +130,8 @@ class UpdateWorker:
         try:
             await self.store.commit_update(p.job.tenant, p.job.sid, p.snap, checkpoint=ckpt.data if ckpt else None,
                                            sha256=ckpt.sha256 if ckpt else None, summary=p.summary,
-                                           job_id=p.job.job_id)
+                                           job_id=p.job.job_id, memories=p.memories if ckpt else (),
+                                           report=p.report.model_dump(), max_memories=self.settings.max_memories)
         except StaleSnapshot:
             return False
         if p.rejection:

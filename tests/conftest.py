@@ -29,6 +29,14 @@ def tiny_model_dir(artifacts: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    """The real demo model (SmolLM2-135M-Instruct, fp32), built once into the repo's .cache by `make test`."""
+    from adapters.demo_model import build_demo_model
+
+    return build_demo_model(REPO / ".cache" / "demo-model", quiet=True)
+
+
+@pytest.fixture(scope="session")
 def redis_main(artifacts: Path) -> Iterator[RedisServer]:
     server = RedisServer(data_dir=artifacts / "redis-main").start()
     yield server

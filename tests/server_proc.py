@@ -29,16 +29,26 @@ def spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-class ServerProcess:
-    """`tmem serve` on a free loopback port, logging to a file the test report can show."""
+# The real demo model (SmolLM2-135M-Instruct) with the server's own defaults: calibrated trainer preset,
+# bounded extraction. Its fp32 weights need a larger share of host memory than the tiny model.
+REAL_MODEL_FLAGS = ["--dtype", "float32", "--gpu-memory-utilization", "0.25", "--max-model-len", "2048",
+                    "--context-tokens", "1536"]
 
-    def __init__(self, model_dir: Path, redis_url: str, log_path: Path, extra: list[str] | None = None) -> None:
+
+class ServerProcess:
+    """`tmem serve` on a free loopback port, logging to a file the test report can show.
+
+    `flags` replaces the tiny-model test flags (engine, worker, trainer) as a whole, e.g. REAL_MODEL_FLAGS.
+    """
+
+    def __init__(self, model_dir: Path, redis_url: str, log_path: Path, extra: list[str] | None = None,
+                 flags: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        base = flags if flags is not None else [*TEST_ENGINE_FLAGS, *TEST_WORKER_FLAGS, *TEST_TRAINER_FLAGS]
         self.cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--redis-url", redis_url,
-                    "--port", str(self.port), *TEST_ENGINE_FLAGS, *TEST_WORKER_FLAGS,
-                    *TEST_TRAINER_FLAGS, *(extra or [])]
+                    "--port", str(self.port), *base, *(extra or [])]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 240.0) -> ServerProcess:

@@ -1,4 +1,4 @@
-"""/v1/sessions/{id}: info, messages (ingest), memories (teach), flush, adapter, delete."""
+"""/v1/sessions/{id}: info, messages (ingest), memories (teach and list), flush, adapter, delete."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from server.protocol import (
     DeleteResponse,
     FlushRequest,
     FlushResponse,
+    MemoryList,
     SessionInfo,
     SessionMessagesRequest,
     TeachRequest,
@@ -52,6 +53,11 @@ async def ingest(
 async def teach(session_id: SessionIdDep, body: TeachRequest, tenant: TenantDep, svc: SessionServiceDep) -> SessionInfo:
     pairs = [{"instruction": p.instruction, "output": p.output} for p in body.pairs]
     return session_info(await svc.teach(tenant, session_id, pairs))
+
+
+@router.get("/{session_id}/memories")
+async def list_memories(session_id: SessionIdDep, tenant: TenantDep, svc: SessionServiceDep) -> MemoryList:
+    return MemoryList(data=await svc.memories(tenant, session_id))
 
 
 @router.post("/{session_id}/flush")

@@ -39,7 +39,8 @@ def peft_greedy(model_dir: Path, adapter_dir: Path | None, question: str, max_to
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
-    messages = [{"role": "system", "content": Settings().system_prompt}, {"role": "user", "content": question}]
+    # No system turn: the server injects none, exactly as `vllm serve` renders a request without one.
+    messages = [{"role": "user", "content": question}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_tensors="pt")
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     with torch.no_grad():

@@ -36,6 +36,9 @@ def test_every_session_method_against_the_real_server(server, sid, tmp_path: Pat
         session.teach([PAIR])
         assert session.flush(timeout=180).adapter_version >= 1
         version = session.info().adapter_version
+        taught = [m for m in session.memories() if m.source == "taught"]
+        assert [(m.instruction, m.output, m.version) for m in taught] == [(*PAIR, version)]
+        assert session.info().last_update is not None
         answer = session.chat(PAIR[0], max_tokens=16, temperature=0)
         assert answer.adapter_version == version
         assert session.download_adapter(tmp_path / "adapter") == version

@@ -68,12 +68,12 @@ def test_adapter_off_header_serves_a_session_on_the_base_model(server: Any, sid:
     off = httpx.post(
         f"{server.url}/v1/chat/completions",
         json={"messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0},
-        headers={"X-Session-ID": sid, "X-TMEM-Record": "false", "X-TMEM-Adapter": "off"},
+        headers={"X-Session-ID": sid, "X-TMEM-Record": "false", "X-TMEM-Adapter": "off", "X-TMEM-Context": "none"},
         timeout=120,
     )
     assert off.status_code == 200, off.text
     assert off.headers["X-TMEM-Adapter-Version"] == "0"
-    # A session taught by pairs alone has no turns and no summary: without its adapter it is the base model.
+    # Without its adapter and its context (the taught pair is also in its `pairs` summary) it is the base model.
     assert off.json()["choices"][0]["message"]["content"] == greedy(server.url, question)[0] != taught[0]
     assert greedy(server.url, question, sid) == taught  # the header changed nothing for later requests
 

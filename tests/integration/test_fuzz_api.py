@@ -66,6 +66,7 @@ OPERATIONS: dict[str, bool] = {
     "POST /v1/sessions/{session_id}/messages": True,
     "POST /v1/sessions/{session_id}/memories": True,
     "GET /v1/sessions/{session_id}": False,
+    "GET /v1/sessions/{session_id}/memories": False,
     "POST /v1/sessions/{session_id}/flush": True,
     "GET /v1/sessions/{session_id}/adapter": False,
     "DELETE /v1/sessions/{session_id}": False,
@@ -91,7 +92,7 @@ FUZZ_SETTINGS = settings(
     print_blob=False,
 )
 MAX_GENERATED_TOKENS = 4
-FLUSH_TIMEOUT_S = 1.0
+FLUSH_TIMEOUT_S = 5.0
 MAX_MODEL_LEN = int(TEST_ENGINE_FLAGS[TEST_ENGINE_FLAGS.index("--max-model-len") + 1])
 ERROR_KEYS = {"message", "type", "param", "code"}
 ADAPTER_ENTRY = re.compile(r"\.?[0-9a-f]{24}-v\d+(-[A-Za-z0-9_]+)?")  # a version, or its mkdtemp staging dir

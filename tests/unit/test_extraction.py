@@ -1,4 +1,4 @@
-"""The extraction prompts and the tolerant parser for what models actually write back."""
+"""The tolerant parser for what models actually write back."""
 
 from __future__ import annotations
 
@@ -11,16 +11,14 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from adapters.extraction import (
-    EXTRACTION_JSON_SCHEMA,
     ExtractionLimits,
     ParseReport,
     QAPair,
-    build_extraction_messages,
-    build_summary_messages,
     normalize_question,
     parse_pairs,
     parse_summary,
 )
+from adapters.memory_prompts import ExtractionFormat
 
 ANN = ("Where does Ann live?", "Lisbon")
 BOB = ("Who is Bob?", "Ann's brother")
@@ -269,42 +267,14 @@ def test_qapair_strips_and_refuses_empty_or_non_text() -> None:
         pair.output = "Ann"  # type: ignore[misc]
 
 
-def test_extraction_messages_carry_the_text_the_known_pairs_and_the_format() -> None:
-    known = [QAPair(instruction=f"Question {i}?", output=f"Answer {i}") for i in range(60)]
-    messages = build_extraction_messages("Ann: I moved to Lisbon in May.", known, max_known=50)
-    assert [m["role"] for m in messages] == ["system", "user"]
-    system, user = messages[0]["content"], messages[1]["content"]
-    assert '[{"instruction": "<question>", "output": "<answer>"}' in system
-    assert "ONLY a JSON array" in system and "[]" in system
-    assert "Ann: I moved to Lisbon in May." in user
-    # The 50 most recent known pairs are listed, the 10 oldest are not.
-    assert "Question 59?" in user and "Answer 10" in user
-    assert "Question 9?" not in user
-
-
-def test_extraction_messages_without_known_pairs() -> None:
-    user = build_extraction_messages("Bob likes tea.", [])[1]["content"]
-    assert "(none yet)" in user and "Bob likes tea." in user
-    user = build_extraction_messages("x", [QAPair(instruction="Who?", output="Bob")], max_known=0)[1]["content"]
-    assert "Who?" not in user
-
-
-def test_summary_messages_carry_the_summary_the_text_and_the_word_limit() -> None:
-    messages = build_summary_messages("Ann lives in Lisbon.", "Ann: I'm vegan now.", max_words=120)
-    assert [m["role"] for m in messages] == ["system", "user"]
-    user = messages[1]["content"]
-    assert "Ann lives in Lisbon." in user and "Ann: I'm vegan now." in user
-    assert "at most 120 words" in user
-    assert "(empty" in build_summary_messages("  ", "hello")[1]["content"]
-
-
 def test_schema_accepts_what_the_parser_returns_and_refuses_bad_items() -> None:
     jsonschema = pytest.importorskip("jsonschema")
+    schema = ExtractionFormat().schema()
     report = parse_pairs(TWO)
-    jsonschema.validate([pair.model_dump() for pair in report.pairs], EXTRACTION_JSON_SCHEMA)
-    jsonschema.validate([], EXTRACTION_JSON_SCHEMA)
+    jsonschema.validate([pair.model_dump() for pair in report.pairs], schema)
+    jsonschema.validate([], schema)
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate([{"instruction": "Who?"}], EXTRACTION_JSON_SCHEMA)
+        jsonschema.validate([{"instruction": "Who?"}], schema)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,114 @@
+"""Which extracted pairs may be learned: grounded in the source text, not echoes of the prompt, not repeats.
+
+A weak model's extraction reply parses (structured output sees to that) but can still be wrong: it
+copies the worked example, writes placeholder text, or answers from outside knowledge. Training on
+such a pair teaches the session a falsehood, so every pair passes `filter_pairs` first: an answer's
+content words must all appear in the text it was extracted from.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from adapters.extraction import QAPair, normalize_question
+
+# Words that carry no fact: an answer made only of these says nothing the text must contain.
+_STOPWORDS = frozenset(
+    "a an the and or but of to in on at by for with from as is are was were be been being am do does did "
+    "i me my mine you your yours he him his she her hers it its we us our they them their this that these those "
+    "there here what who whom which when where why how not no yes so very just also too than then".split()
+)
+_WORD = re.compile(r"[^\W_]+", re.UNICODE)
+# Text of the prompts themselves: a pair holding it was copied from the instructions, not the conversation.
+_PLACEHOLDERS = ("<question>", "<answer>", "instruction", "output", "json", "<<<", ">>>")
+
+
+@dataclass
+class FilterReport:
+    """The pairs kept, and each dropped pair with the reason (the table tests and session info show)."""
+
+    kept: list[QAPair] = field(default_factory=list)
+    dropped: list[tuple[QAPair, str]] = field(default_factory=list)
+
+
+def content_words(text: str) -> list[str]:
+    """The casefolded words of `text` that can carry a fact (no stopwords)."""
+    return [w for w in _WORD.findall(text.casefold()) if w not in _STOPWORDS]
+
+
+# Words of a question that name no topic: "What is my favourite food?" is about food, not "favourite".
+_GENERIC = frozenset("name called favourite favorite kind type thing things like likes love best one ones "
+                     "many much long often old new".split())
+
+
+def _stem(word: str) -> str:
+    """A light suffix fold, enough to match "tulips"/"tulip", "ann's"/"ann" and "moved"/"move"."""
+    for suffix in ("'s", "ing", "ed", "es", "s", "e"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[: -len(suffix)]
+    return word
+
+
+def _stems(text: str) -> set[str]:
+    return {_stem(w) for w in content_words(text)}
+
+
+def grounded(answer: str, source: str) -> bool:
+    """True when every content word of `answer` (at least one) appears in `source`."""
+    words = content_words(answer)
+    if not words:
+        return False
+    available = _stems(source)
+    return all(_stem(w) in available for w in words)
+
+
+def on_topic(question: str, source: str) -> bool:
+    """True when the question names something the source talks about (one topic word is enough).
+
+    A weak model pairs a grounded answer with an unrelated question ("What is my favourite food?" →
+    "Finnish" from "I started learning Finnish"); the question's topic words tell it apart.
+    """
+    topics = {_stem(w) for w in content_words(question) if w not in _GENERIC}
+    return not topics or bool(topics & _stems(source))
+
+
+def pair_key(pair: QAPair) -> tuple[str, str]:
+    """The identity of a pair for deduplication: normalized question and answer."""
+    return normalize_question(pair.instruction), normalize_question(pair.output)
+
+
+def filter_pairs(pairs: Iterable[QAPair], source: str, *, known: Sequence[QAPair] = (),
+                 examples: Sequence[QAPair] = ()) -> FilterReport:
+    """Keep the pairs that are grounded in `source`, not copied from the prompt, and not repeats."""
+    report = FilterReport()
+    seen = {pair_key(p) for p in known}
+    copied = {pair_key(p) for p in examples}
+    for pair in pairs:
+        reason = _rejection(pair, source, seen, copied)
+        if reason:
+            report.dropped.append((pair, reason))
+            continue
+        seen.add(pair_key(pair))
+        report.kept.append(pair)
+    return report
+
+
+def _rejection(pair: QAPair, source: str, seen: set[tuple[str, str]], copied: set[tuple[str, str]]) -> str | None:
+    key = pair_key(pair)
+    if key in copied:
+        return "copies the worked example"
+    text = f"{pair.instruction} {pair.output}".casefold()
+    if any(marker in text for marker in _PLACEHOLDERS):
+        return "placeholder or prompt text"
+    if key in seen:
+        return "duplicate"
+    answer = _stems(pair.output)
+    if answer and answer <= _stems(pair.instruction):
+        return "answer repeats the question"
+    if not grounded(pair.output, source):
+        return "answer not in the text"
+    if not on_topic(pair.instruction, source):
+        return "question not about the text"
+    return None
