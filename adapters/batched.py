@@ -42,7 +42,7 @@ from torch import Tensor
 from adapters.fast_weights import FastWeightModel, SessionB
 from adapters.prefix import DecoderStack, pad_states
 from adapters.supervision import IGNORE_INDEX, Example, Supervision, encode_pairs
-from adapters.trainer import TrainerConfig, UpdateResult, _make_optimizer, reached_target
+from adapters.trainer import Schedule, TrainerConfig, UpdateResult, _make_optimizer, epoch_schedule, reached_target
 
 DEFAULT_MAX_GROUP_SIZE = 16
 # Documented equivalence with OnlineTrainer.update in float32 (what the unit tests assert).
@@ -57,17 +57,6 @@ def b_tolerance(config: TrainerConfig) -> float:
     return B_ATOL if config.optimizer == "sgd" else max(B_ATOL, ADAM_B_ATOL_PER_LR * config.lr)
 
 
-def epoch_schedule(n_examples: int, config: TrainerConfig) -> list[tuple[int, list[int]]]:
-    """(epoch, example indices) of every step, in OnlineTrainer's order: a seeded permutation per epoch."""
-    generator = torch.Generator().manual_seed(config.seed)
-    steps: list[tuple[int, list[int]]] = []
-    for epoch in range(config.epochs):
-        order = torch.randperm(n_examples, generator=generator).tolist()
-        steps += [(epoch, order[start:start + config.batch_size])
-                  for start in range(0, len(order), config.batch_size)]
-    return steps
-
-
 @dataclass
 class _Session:
     """One session's state inside a group update."""
@@ -77,7 +66,7 @@ class _Session:
     started: float
     params: dict[str, Tensor] = field(default_factory=dict)
     optimizer: torch.optim.Optimizer | None = None
-    schedule: list[tuple[int, list[int]]] = field(default_factory=list)
+    schedule: Schedule = field(default_factory=list)
     states: list[Tensor] = field(default_factory=list)
     alive: bool = True
     finished_early: bool = False  # reached the target loss: no further steps
@@ -98,13 +87,15 @@ class BatchedTrainer:
     """
 
     def __init__(self, fast_model: FastWeightModel, tokenizer: Any, config: TrainerConfig | None = None, *,
-                 max_group_size: int = DEFAULT_MAX_GROUP_SIZE, reuse_prefix: bool = True) -> None:
+                 max_group_size: int = DEFAULT_MAX_GROUP_SIZE, reuse_prefix: bool = True,
+                 anchors: Sequence[Supervision] = ()) -> None:
         if max_group_size < 1:
             raise ValueError(f"max_group_size must be >= 1, got {max_group_size}")
         self.fast = fast_model
         self.tokenizer = tokenizer
         self.config = config or TrainerConfig()
         self.max_group_size = max_group_size
+        self.anchors = list(anchors)  # the first `config.anchors` join every session's update
         self.stack = DecoderStack(fast_model)
         # Block at which per-step work starts: the first adapted one, or 0 to recompute everything.
         self.start = self.stack.first_adapted if reuse_prefix else 0
@@ -155,15 +146,14 @@ class BatchedTrainer:
     @staticmethod
     def _done(s: _Session, step: int, cfg: TrainerConfig) -> bool:
         """True from the first epoch boundary at which the session's loss reached `cfg.target_loss`."""
-        if s.finished_early:
-            return True
-        boundary = step > 0 and s.schedule[step][0] != s.schedule[step - 1][0]
-        s.finished_early = boundary and reached_target(s.result.losses, len(s.examples), cfg)
+        s.finished_early = s.finished_early or reached_target(s.result.losses, s.schedule, step, cfg)
         return s.finished_early
 
     def _prepare(self, b: SessionB, pairs: Sequence[Supervision], cfg: TrainerConfig, started: float) -> _Session:
         """Encode one session's pairs and set up its trainable copy of B, optimizer and schedule."""
         examples = encode_pairs(self.tokenizer, pairs, cfg.max_seq_len, cfg.system_prompt)
+        if examples:  # anchors steady an update; they never make one
+            examples += encode_pairs(self.tokenizer, self.anchors[:cfg.anchors], cfg.max_seq_len)
         result = UpdateResult(b=b, applied=False, examples=len(examples),
                               answer_tokens=sum(ex.answer_tokens for ex in examples))
         session = _Session(result=result, examples=examples, started=started)
@@ -174,7 +164,7 @@ class BatchedTrainer:
         session.params = {n: t.detach().to(self.fast.device, torch.float32).clone().requires_grad_(True)
                           for n, t in b.items()}
         session.optimizer = _make_optimizer(cfg, list(session.params.values()))
-        session.schedule = epoch_schedule(len(examples), cfg)
+        session.schedule = epoch_schedule(examples, cfg)
         return session
 
     def _attach_states(self, sessions: Sequence[_Session]) -> None:

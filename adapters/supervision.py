@@ -59,6 +59,7 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+    raw: bool = False  # raw-text supervision (next-token on a text), not a rendered pair
 
     @property
     def answer_tokens(self) -> int:
@@ -173,7 +174,7 @@ def encode_text(tokenizer: Any, raw: RawText, max_seq_len: int) -> list[Example]
         labels = [IGNORE_INDEX] * len(context) + targets
         labels[0] = IGNORE_INDEX  # the very first token (no BOS) has nothing to be predicted from
         if any(label != IGNORE_INDEX for label in labels):
-            examples.append(Example(input_ids=window, labels=labels))
+            examples.append(Example(input_ids=window, labels=labels, raw=True))
     return examples
 
 

@@ -37,6 +37,11 @@ class TrainerConfig(BaseModel):
     # Stop a session's update after the first epoch whose mean loss is at or below this (None: all epochs).
     # Fewer steps once the pairs are learned: less drift of everything else, and a shorter update.
     target_loss: float | None = Field(None, ge=0)
+    # Anchor pairs (the base model's own answers to general prompts, `adapters.anchors`) mixed into
+    # every update, so what the session did not teach stays as it was.
+    anchors: int = Field(0, ge=0, le=64)
+    # Epochs that raw-text supervision (the fallback for chunks without pairs) takes part in.
+    raw_epochs: int = Field(1, ge=1)
     # Rendered before each question, as the server renders it when serving (None: no system turn).
     system_prompt: str | None = None
 
@@ -112,27 +117,25 @@ class OnlineTrainer:
     def _run(self, params: dict[str, Tensor], examples: list[Example], cfg: TrainerConfig,
              result: UpdateResult) -> None:
         optimizer = _make_optimizer(cfg, list(params.values()))
-        generator = torch.Generator().manual_seed(cfg.seed)
-        for epoch in range(cfg.epochs):
-            if reached_target(result.losses, len(examples), cfg):
+        schedule = epoch_schedule(examples, cfg)
+        for index, (epoch, rows) in enumerate(schedule):
+            if reached_target(result.losses, schedule, index, cfg):
                 break
-            order = torch.randperm(len(examples), generator=generator).tolist()
-            for start in range(0, len(order), cfg.batch_size):
-                batch = [examples[i] for i in order[start:start + cfg.batch_size]]
-                optimizer.zero_grad(set_to_none=True)
-                loss = self.batch_loss(params, batch)
-                step = result.steps + 1
-                _require_finite(loss.detach(), f"loss is {loss.item()} at step {step} (epoch {epoch + 1})")
-                loss.backward()
-                for name, p in params.items():
-                    _require_finite(p.grad, f"gradient of {name} is not finite at step {step}")
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-                optimizer.step()
-                for name, p in params.items():
-                    _require_finite(p.detach(), f"B of {name} became non-finite after step {step}")
-                result.losses.append(float(loss.item()))
-                result.steps = step
+            batch = [examples[i] for i in rows]
+            optimizer.zero_grad(set_to_none=True)
+            loss = self.batch_loss(params, batch)
+            step = result.steps + 1
+            _require_finite(loss.detach(), f"loss is {loss.item()} at step {step} (epoch {epoch + 1})")
+            loss.backward()
+            for name, p in params.items():
+                _require_finite(p.grad, f"gradient of {name} is not finite at step {step}")
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+            optimizer.step()
+            for name, p in params.items():
+                _require_finite(p.detach(), f"B of {name} became non-finite after step {step}")
+            result.losses.append(float(loss.item()))
+            result.steps = step
 
     def batch_loss(self, params: SessionB, batch: Sequence[Example]) -> Tensor:
         """Mean cross-entropy over the batch's answer tokens; the LM head runs only where labels are."""
@@ -146,13 +149,33 @@ class OnlineTrainer:
         return F.cross_entropy(logits, targets[where])
 
 
-def reached_target(losses: Sequence[float], n_examples: int, cfg: TrainerConfig) -> bool:
-    """True when the last epoch's mean step loss is at or below `cfg.target_loss` (checked between epochs)."""
-    if cfg.target_loss is None or not losses:
+Schedule = list[tuple[int, list[int]]]
+
+
+def epoch_schedule(examples: Sequence[Example], config: TrainerConfig) -> Schedule:
+    """(epoch, example indices) of every step: a seeded permutation per epoch, cut into batches.
+
+    Raw-text examples (the fallback) take part in the first `config.raw_epochs` epochs only: they are
+    long, weakly targeted, and the next update sees the session's text again anyway.
+    """
+    generator = torch.Generator().manual_seed(config.seed)
+    steps: Schedule = []
+    for epoch in range(config.epochs):
+        order = [i for i in torch.randperm(len(examples), generator=generator).tolist()
+                 if not examples[i].raw or epoch < config.raw_epochs]
+        steps += [(epoch, order[start:start + config.batch_size])
+                  for start in range(0, len(order), config.batch_size)]
+    return steps
+
+
+def reached_target(losses: Sequence[float], schedule: Schedule, step: int, cfg: TrainerConfig) -> bool:
+    """True at an epoch boundary (`step` opens a new epoch) when the finished epoch's mean step loss is at or
+    below `cfg.target_loss`."""
+    if cfg.target_loss is None or step == 0 or schedule[step][0] == schedule[step - 1][0]:
         return False
-    steps_per_epoch = -(-n_examples // cfg.batch_size)
-    last = losses[-steps_per_epoch:]
-    return sum(last) / len(last) <= cfg.target_loss
+    finished = sum(1 for epoch, _ in schedule[:step] if epoch == schedule[step - 1][0])
+    last = losses[-finished:]
+    return bool(last) and sum(last) / len(last) <= cfg.target_loss
 
 
 def _make_optimizer(cfg: TrainerConfig, params: list[Tensor]) -> torch.optim.Optimizer:

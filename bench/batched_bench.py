@@ -119,9 +119,9 @@ def update_flops(config: Any, first_adapted: int, rank: int, batches: Sequence[S
 
 def session_batches(examples: list[Example], config: TrainerConfig) -> list[list[Example]]:
     """The batches one session trains on, in OnlineTrainer's order."""
-    from adapters.batched import epoch_schedule
+    from adapters.trainer import epoch_schedule
 
-    return [[examples[i] for i in rows] for _, rows in epoch_schedule(len(examples), config)]
+    return [[examples[i] for i in rows] for _, rows in epoch_schedule(examples, config)]
 
 
 def max_b_diff(results: Sequence[UpdateResult], reference: Sequence[UpdateResult]) -> float:

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save as save_tensors
 
 from adapters.a_init import model_identity
+from adapters.anchors import load_or_make_anchors
 from adapters.batched import BatchedTrainer
 from adapters.checkpoint import Checkpoint, decode_b, encode_b
 from adapters.fast_weights import FastWeightModel, SessionB
@@ -26,14 +27,15 @@ class TrainerRuntime:
     """Owns θ0 (frozen, PyTorch), A0 and the OnlineTrainer; turns B into checkpoints and back."""
 
     def __init__(self, fast: FastWeightModel, tokenizer: Any, config: TrainerConfig, base_model: str,
-                 group_size: int = 16) -> None:
+                 group_size: int = 16, anchor_cache: Path | None = None) -> None:
         self.fast = fast
         self.trainer = OnlineTrainer(fast, tokenizer, config)
-        # The serving path: frozen-prefix reuse, head at answers, several sessions per pass; each
-        # session's result equals OnlineTrainer's within the tolerances in adapters/batched.py.
-        self.batched = BatchedTrainer(fast, tokenizer, config, max_group_size=group_size)
         self.base_model = base_model
         self.identity = model_identity(fast.model, fast.targets, fast.spec)
+        anchors = load_or_make_anchors(fast.model, tokenizer, self.identity, anchor_cache, config.anchors)
+        # The serving path: frozen-prefix reuse, head at answers, several sessions per pass; each
+        # session's result equals OnlineTrainer's within the tolerances in adapters/batched.py.
+        self.batched = BatchedTrainer(fast, tokenizer, config, max_group_size=group_size, anchors=anchors)
         self.a0_blob = save_tensors({n: t.contiguous() for n, t in fast.a0.items()})
 
     @classmethod
@@ -49,7 +51,8 @@ class TrainerRuntime:
         tokenizer = AutoTokenizer.from_pretrained(settings.model)
         fast = FastWeightModel(model, settings.fast_weight_spec(), a0_cache_dir=Path(settings.a0_cache_dir))
         log.info("trainer ready: %d target modules in layers %s", len(fast.targets), fast.layers)
-        return cls(fast, tokenizer, settings.trainer_config(), settings.model_name, settings.update_group_size)
+        return cls(fast, tokenizer, settings.trainer_config(), settings.model_name, settings.update_group_size,
+                   anchor_cache=Path(settings.a0_cache_dir))
 
     def zero_b(self) -> SessionB:
         return self.fast.zero_b()

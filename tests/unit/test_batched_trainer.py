@@ -205,3 +205,34 @@ def test_malformed_b_is_refused_before_any_work(fast: FastWeightModel, tokenizer
     bad.pop(next(iter(bad)))
     with pytest.raises(ValueError, match="spec"):
         update_many(fast, tokenizer, [(good, PAIRS[:2]), (bad, PAIRS[:2])])
+
+
+def test_raw_text_joins_only_the_first_raw_epochs(tokenizer) -> None:
+    from adapters.supervision import RawText
+    from adapters.trainer import epoch_schedule
+
+    examples = encode_pairs(tokenizer, [*PAIRS[:3], RawText("Anna went hiking on Saturday.")], 512)
+    raw = [i for i, ex in enumerate(examples) if ex.raw]
+    assert raw == [3]
+    cfg = TrainerConfig(epochs=3, batch_size=2, raw_epochs=1)
+    seen = {epoch: [i for e, rows in epoch_schedule(examples, cfg) if e == epoch for i in rows] for epoch in range(3)}
+    assert sorted(seen[0]) == [0, 1, 2, 3] and sorted(seen[1]) == sorted(seen[2]) == [0, 1, 2]
+
+
+def test_target_loss_stops_both_trainers_at_the_same_epoch_boundary(fast: FastWeightModel, tokenizer) -> None:
+    cfg = TrainerConfig(optimizer="adam", lr=3e-2, epochs=30, batch_size=4, target_loss=1.0)
+    start = fast.zero_b()
+    ref = OnlineTrainer(fast, tokenizer, cfg).update(start, PAIRS[:4])
+    got = BatchedTrainer(fast, tokenizer, cfg).update(start, PAIRS[:4])
+    assert 1 < ref.steps < 30  # stopped early, after at least one full epoch
+    assert got.steps == ref.steps and ref.losses[-1] <= 1.0
+    assert_same_update(got, ref, start, cfg)
+
+
+def test_anchors_join_an_update_but_never_make_one(fast: FastWeightModel, tokenizer) -> None:
+    anchors = [Pair("What is the capital of Italy?", "The capital of Italy is Rome.")] * 3
+    cfg = TrainerConfig(optimizer="adam", lr=1e-2, epochs=1, batch_size=16, anchors=2)
+    trainer = BatchedTrainer(fast, tokenizer, cfg, anchors=anchors)
+    with_pairs, empty = trainer.update_many([(fast.zero_b(), PAIRS[:2]), (fast.zero_b(), [])])
+    assert with_pairs.applied and with_pairs.examples == 2 + 2
+    assert not empty.applied and empty.examples == 0
