@@ -106,6 +106,7 @@ class Settings(BaseSettings):
     extraction_chunk_tokens: int = Field(
         160, ge=16, description="longest extraction chunk; a chunk is one exchange, longer ones are split")
     max_memories: int = Field(512, ge=1, description="learned pairs kept per session (newest)")
+    replay_memories: int = Field(16, ge=0, description="earlier memories rehearsed in each update (newest first)")
     summary_max_tokens: int = 160
     summary_max_facts: int = Field(24, ge=1, description="newest pairs in a `pairs` summary")
     extraction_structured: bool = True

@@ -44,6 +44,7 @@ class UpdateReport(BaseModel):
     pairs_extracted: int = 0  # pairs the extraction replies held
     pairs_kept: int = 0  # of those, grounded in the text, new, and not copied from the prompt
     pairs_taught: int = 0
+    pairs_replayed: int = 0  # earlier memories rehearsed so this update does not overwrite them
     raw_chunks: int = 0  # chunks trained on as raw text (the fallback, or supervision raw / qa+raw)
     fallback: bool = False  # some chunk yielded no usable pair and was learned as raw text instead
     examples: int = 0  # training examples (pairs under each rendering, raw-text windows)
@@ -96,7 +97,9 @@ class UpdatePreparer:
         report.raw_chunks, report.fallback = len(raw), self.settings.supervision == "qa" and bool(raw)
         summary = await self._summary(job, snap, [*known, *taught, *extracted], [c.text for c in chunks], report)
         learned = [*taught, *extracted]
-        supervision = [*self._rendered(learned, summary if summary is not None else snap.summary), *raw]
+        replayed = rehearsal(known, learned, self.settings.replay_memories) if (learned or raw) else []
+        report.pairs_replayed = len(replayed)
+        supervision = [*self._rendered([*replayed, *learned], summary if summary is not None else snap.summary), *raw]
         memories = [{"instruction": p.instruction, "output": p.output, "source": "taught"} for p in taught]
         memories += [{"instruction": p.instruction, "output": p.output, "source": "extracted"} for p in extracted]
         prepared = PreparedUpdate(job, snap, supervision, memories, summary, report)
@@ -237,6 +240,24 @@ def _pieces(tokenizer: Any, text: str, budget: int) -> list[tuple[str, int]]:
         used += cost
     pieces.append((" ".join(words), used))
     return pieces
+
+
+def rehearsal(known: list[QAPair], learned: list[QAPair], count: int) -> list[QAPair]:
+    """The newest `count` earlier memories, one per question and not re-taught now, to rehearse in an update.
+
+    Measured on SmolLM2-135M (20 facts taught 2 per update over 10 updates): without rehearsal each
+    update overwrote the last, and 5 of 20 facts were recalled at the end.
+    """
+    if count <= 0:
+        return []
+    fresh = {pair_key(p)[0] for p in learned}
+    latest: dict[str, QAPair] = {}
+    for pair in known:
+        key = pair_key(pair)[0]
+        if key not in fresh:
+            latest.pop(key, None)
+            latest[key] = pair
+    return list(latest.values())[-count:]
 
 
 def pairs_summary(pairs: list[QAPair], max_facts: int) -> str:

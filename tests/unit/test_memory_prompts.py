@@ -235,3 +235,14 @@ def test_the_templates_default_system_text_is_found_and_kept_before_the_memory(t
     assert session_system(smol, None, "- cat: Miso") == f"{default}\n\n{MEMORY_HEADER}\n- cat: Miso"
     assert session_system(smol, "Be brief.", "- cat: Miso") == f"Be brief.\n\n{MEMORY_HEADER}\n- cat: Miso"
     assert session_system(tokenizer, None, "- cat: Miso") == f"{MEMORY_HEADER}\n- cat: Miso"
+
+
+def test_rehearsal_replays_the_newest_earlier_memories_but_not_what_is_taught_now() -> None:
+    from server.update_prep import rehearsal
+
+    known = [QAPair(instruction=f"Q{i}?", output=f"A{i}") for i in range(5)]
+    known.append(QAPair(instruction="Q1?", output="newer"))  # a newer answer to Q1 replaces the older
+    learned = [QAPair(instruction="Q4?", output="re-taught")]
+    assert [(p.instruction, p.output) for p in rehearsal(known, learned, 3)] == [
+        ("Q2?", "A2"), ("Q3?", "A3"), ("Q1?", "newer")]
+    assert rehearsal(known, learned, 0) == []
