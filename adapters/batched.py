@@ -152,8 +152,8 @@ class BatchedTrainer:
     def _prepare(self, b: SessionB, pairs: Sequence[Supervision], cfg: TrainerConfig, started: float) -> _Session:
         """Encode one session's pairs and set up its trainable copy of B, optimizer and schedule."""
         examples = encode_pairs(self.tokenizer, pairs, cfg.max_seq_len, cfg.system_prompt)
-        if examples:  # anchors steady an update; they never make one
-            examples += encode_pairs(self.tokenizer, self.anchors[:cfg.anchors], cfg.max_seq_len)
+        if examples:  # anchors steady an update, at most one per example: they never make one or drown it
+            examples += encode_pairs(self.tokenizer, self.anchors[:min(cfg.anchors, len(examples))], cfg.max_seq_len)
         result = UpdateResult(b=b, applied=False, examples=len(examples),
                               answer_tokens=sum(ex.answer_tokens for ex in examples))
         session = _Session(result=result, examples=examples, started=started)

