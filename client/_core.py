@@ -252,16 +252,29 @@ def pair_list(pairs: PairsInput) -> list[dict[str, Any]]:
 # -- one plan per API call ------------------------------------------------------------------------
 
 
+# Client options of a chat that travel as headers: (option, header, header value of the option).
+_SESSION_OPTIONS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+    ("context", "X-TMEM-Context", str),
+    ("adapter", "X-TMEM-Adapter", lambda on: "on" if on else "off"),
+    ("record", "X-TMEM-Record", lambda on: "true" if on else "false"),
+)
+
+
 def chat_plan(
     messages: MessagesInput, *, stream: bool, session_id: str | None, params: Mapping[str, Any]
 ) -> Plan[ChatCompletion]:
-    """``POST /v1/chat/completions``. ``params`` are body fields (``temperature``, ...) plus two
-    client options: ``model`` (left out when ``None``: the server's default model) and
-    ``idempotency_key`` (sent as a header instead of a generated one)."""
+    """``POST /v1/chat/completions``. ``params`` are body fields (``temperature``, ...) plus client
+    options: ``model`` (left out when ``None``: the server's default model), ``idempotency_key`` (sent
+    as a header instead of a generated one), and the session ablations ``context="none"`` (the adapter
+    without stored turns or summary), ``adapter=False`` (the base model) and ``record=False`` (ask
+    without storing the turn)."""
     body: dict[str, Any] = {"messages": message_list(messages), "stream": stream, **params}
     if body.get("model", "") is None:
         del body["model"]
     headers = {SESSION_HEADER: session_id} if session_id is not None else {}
+    for option, header, value_of in _SESSION_OPTIONS:
+        if option in body:
+            headers[header] = value_of(body.pop(option))
     idempotency_key = body.pop("idempotency_key", None)
     if idempotency_key is not None:
         headers["Idempotency-Key"] = str(idempotency_key)

@@ -467,3 +467,15 @@ def test_import_loads_nothing_heavy() -> None:
     code = f"import client, sys; print([m for m in {heavy!r} if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_session_ablation_options_travel_as_headers_not_body() -> None:
+    from client._core import chat_plan
+
+    plan = chat_plan("Where do I live?", stream=False, session_id="alice",
+                     params={"temperature": 0, "context": "none", "adapter": False, "record": False})
+    assert plan.headers == {"X-Session-ID": "alice", "X-TMEM-Context": "none", "X-TMEM-Adapter": "off",
+                            "X-TMEM-Record": "false"}
+    assert plan.json is not None and set(plan.json) == {"messages", "stream", "temperature"}
+    assert chat_plan("hi", stream=False, session_id=None, params={"adapter": True}).headers == {
+        "X-TMEM-Adapter": "on"}
