@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from server.settings import Settings
+from server.settings import Dtype, Settings
 
 if TYPE_CHECKING:
     from vllm import RequestOutput, SamplingParams
@@ -32,7 +32,7 @@ class Engine:
         args = AsyncEngineArgs(
             model=settings.model,
             served_model_name=[settings.model_name],
-            dtype=settings.dtype,
+            dtype=serving_dtype(settings.dtype),
             max_model_len=settings.max_model_len,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             enable_lora=True,
@@ -65,3 +65,12 @@ class Engine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+def serving_dtype(requested: Dtype) -> Dtype:
+    """`auto` is float32 on CPU: vLLM's own `auto` casts a float32 model to half precision, where the
+    demo model then answers "L'Étoile, la Marseillaise..." to "What is the capital of France?" and no
+    longer matches what the trainer (float32 on CPU) computes. On GPUs `auto` stays vLLM's choice."""
+    from vllm.platforms import current_platform
+
+    return "float32" if requested == "auto" and current_platform.is_cpu() else requested

