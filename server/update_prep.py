@@ -167,7 +167,8 @@ class UpdatePreparer:
                 summary = await self._summarize(job, snap, summary, text, report) or summary
         if summary == snap.summary:
             return None
-        report.summary = "updated" if not report.summary.startswith("refused") else report.summary
+        if not report.summary.startswith("refused"):  # a refusal on an earlier chunk stays reported
+            report.summary = "updated"
         return summary
 
     async def _summarize(self, job: Job, snap: UpdateSnapshot, previous: str, text: str,
