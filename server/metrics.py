@@ -40,6 +40,9 @@ class Metrics:
             registry=r)
         self.train_loss = Gauge("tmem_training_loss", "final loss of the last applied update", registry=r)
         self.adapters_resident = Gauge("tmem_adapters_resident", "adapter versions loaded in the engine", registry=r)
+        self.adapter_evictions = Counter(
+            "tmem_adapter_evictions_total", "adapter versions unloaded, by reason (superseded, lru, deleted)",
+            ["reason"], registry=r)
         self.hot_swap_seconds = Histogram(
             "tmem_hot_swap_seconds", "checkpoint → adapter loaded in the engine", registry=r, buckets=_LATENCY_BUCKETS
         )

@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -54,17 +55,26 @@ class AdapterPool:
     Invariant: a LoRARequest's directory exists for as long as any request may use it, because vLLM
     re-reads the path whenever its own LRU reloads the adapter, and a missing path kills the engine core.
     So a version is pinned (refs) before any await hands it out, and only unpinned versions are removed.
+
+    Bound: at most `max_resident` versions (and directories) stay loaded. Past it, the least recently
+    used unpinned ones are unloaded; pinned ones are never touched, so a burst of concurrent sessions
+    may exceed the cap until their requests end. Per-session bookkeeping (`_locks`, `_latest`) is
+    dropped once a session has no resident version and no request waiting on its lock.
     """
 
-    def __init__(self, engine: Any, store: RedisStore, adapter_dir: Path, base_model: str) -> None:
+    def __init__(self, engine: Any, store: RedisStore, adapter_dir: Path, base_model: str,
+                 max_resident: int = 64) -> None:
         self.engine = engine
         self.store = store
         self.adapter_dir = Path(adapter_dir)
         self.base_model = base_model
+        self.max_resident = max_resident
         self._ids = itertools.count(1)  # vLLM ids are never reused within a process
-        self._resident: dict[tuple[str, str, int], Resident] = {}
+        # Least recently used first: a pin moves its version to the end.
+        self._resident: OrderedDict[tuple[str, str, int], Resident] = OrderedDict()
         self._latest: dict[SessionKey, int] = {}
         self._locks: dict[SessionKey, asyncio.Lock] = {}
+        self._lock_users: dict[SessionKey, int] = {}
         self._a0: dict[str, dict[str, Any]] = {}
 
     @asynccontextmanager
@@ -82,24 +92,56 @@ class AdapterPool:
         finally:
             resident.refs -= 1
             if resident.doomed and resident.refs == 0:
-                await self._unload(resident)
+                await self._unload(resident, "deleted")
             else:
-                await self._evict_idle(resident.key)
+                await self._evict(resident.key)
+
+    @property
+    def resident_count(self) -> int:
+        """Adapter versions loaded in the engine (each with its directory under adapter_dir)."""
+        return len(self._resident)
+
+    @property
+    def tracked_sessions(self) -> int:
+        """Sessions with per-session state kept (locks or latest versions): bounded by the resident cap."""
+        return len(self._locks.keys() | self._latest.keys())
+
+    @asynccontextmanager
+    async def _session_lock(self, key: SessionKey) -> AsyncIterator[None]:
+        """The session's lock, counted so that it is dropped once nobody holds or awaits it."""
+        self._lock_users[key] = self._lock_users.get(key, 0) + 1
+        try:
+            async with self._locks.setdefault(key, asyncio.Lock()):
+                yield
+        finally:
+            self._lock_users[key] -= 1
+            if self._lock_users[key] == 0:
+                del self._lock_users[key]
+            self._forget_if_unused(key)
+
+    def _forget_if_unused(self, key: SessionKey) -> None:
+        # A session with nothing loaded and nobody at its lock needs no state: the next pin rebuilds it.
+        if key in self._lock_users or any(r.key == key for r in self._resident.values()):
+            return
+        self._locks.pop(key, None)
+        self._latest.pop(key, None)
 
     async def _pin(self, tenant: str, sid: str, version: int) -> Resident | None:
         """The resident to serve, with its refcount raised under the session lock (so nothing evicts it)."""
         key = (tenant, sid)
         found: Resident | None = None
-        async with self._locks.setdefault(key, asyncio.Lock()):
+        async with self._session_lock(key):
             for candidate in range(version, 0, -1):
                 found = self._resident.get((tenant, sid, candidate))
                 if found is None:
                     found = await self._load(tenant, sid, candidate)
                 if found is not None:
+                    # No await since the lookup or the load: nothing can have evicted it in between.
                     found.refs += 1
+                    self._resident.move_to_end((tenant, sid, found.version))
                     self._latest[key] = max(self._latest.get(key, 0), found.version)
                     break
-        await self._evict_idle(key)
+        await self._evict(key)
         return found
 
     async def _load(self, tenant: str, sid: str, version: int) -> Resident | None:
@@ -127,7 +169,7 @@ class AdapterPool:
         await self.engine.add_lora(lora)  # load the new version before anything is evicted
         METRICS.hot_swap_seconds.observe(time.perf_counter() - started)
         resident = Resident((tenant, sid), version, lora, path)
-        self._resident[(tenant, sid, version)] = resident
+        self._resident[(tenant, sid, version)] = resident  # newest: the end of the LRU order
         METRICS.adapters_resident.set(len(self._resident))
         return resident
 
@@ -159,13 +201,26 @@ class AdapterPool:
             self._a0[identity] = load_tensors(blob)
         return self._a0[identity]
 
-    async def _evict_idle(self, key: SessionKey) -> None:
+    async def _evict(self, key: SessionKey) -> None:
+        """Unload the session's superseded idle versions, then the least recently used idle ones over the cap."""
         latest = self._latest.get(key, 0)
-        idle = [r for r in self._resident.values() if r.key == key and r.refs == 0 and r.version < latest]
-        for resident in idle:
-            await self._unload(resident)
+        superseded = [r for r in self._resident.values() if r.key == key and r.refs == 0 and r.version < latest]
+        over = len(self._resident) - len(superseded) - self.max_resident
+        chosen = {id(r) for r in superseded}
+        lru = [r for r in self._resident.values() if r.refs == 0 and id(r) not in chosen][:max(0, over)]
+        # Out of the index before any await: a concurrent pin then loads its own copy instead of
+        # raising the refcount of a version that is being removed.
+        for resident in (*superseded, *lru):
+            del self._resident[(*resident.key, resident.version)]
+        for resident in superseded:
+            await self._unload(resident, "superseded")
+        for resident in lru:
+            await self._unload(resident, "lru")
+        if lru and len(self._resident) > self.max_resident:
+            log.warning("adapter pool over its cap (%d > %d): every other version is in use",
+                        len(self._resident), self.max_resident)
 
-    async def _unload(self, resident: Resident) -> None:
+    async def _unload(self, resident: Resident, reason: str) -> None:
         if self._resident.get((*resident.key, resident.version)) is resident:
             del self._resident[(*resident.key, resident.version)]
         try:
@@ -173,11 +228,13 @@ class AdapterPool:
         finally:
             shutil.rmtree(resident.path, ignore_errors=True)
             METRICS.adapters_resident.set(len(self._resident))
+            METRICS.adapter_evictions.labels(reason).inc()
+            self._forget_if_unused(resident.key)
 
     async def forget(self, tenant: str, sid: str) -> None:
         """Drop every version of a deleted session: now if idle, else when its last request ends."""
         key = (tenant, sid)
-        async with self._locks.setdefault(key, asyncio.Lock()):
+        async with self._session_lock(key):
             doomed = [r for r in self._resident.values() if r.key == key]
             for resident in doomed:
                 resident.doomed = True
@@ -186,7 +243,7 @@ class AdapterPool:
             self._latest.pop(key, None)
         for resident in doomed:
             if resident.refs == 0:
-                await self._unload(resident)  # in use: the request's release unloads it (see `use`)
+                await self._unload(resident, "deleted")  # in use: the request's release unloads it (see `use`)
 
 
 
