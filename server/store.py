@@ -5,18 +5,27 @@ carries the hash tag `{tenant:sid}` (e.g. `tmem:{default:alice}:meta`) so a Redi
 session on one slot and its Lua scripts stay single-slot. `tenant` and `sid` are validated by the
 caller and must not contain braces.
 
-Keys, per session: `:meta` (hash), `:turns` (list of message JSON), `:teach` (list of pair JSON),
-`:memories` (list of the pairs learned from, JSON, bounded), `:ckpt:{n}` (hash: data, sha256,
-created_at), `:idem:{key}` (string, TTL), `:lock`, `:keys` (set of
-the dynamic keys above, so deletion needs no SCAN). Global: `{prefix}:a0:{identity}` (bytes); the job
-stream, its consumer group and the versions channel are in `server.store_jobs`. Lua scripts are in
+Keys, per session: `:meta` (hash, with a random `incarnation` set at creation), `:turns` (list of
+message JSON), `:teach` (list of pair JSON), `:memories` (list of the pairs learned from, JSON,
+bounded), `:ckpt:{n}` (hash: data, sha256, created_at; the newest `max_checkpoints` kept),
+`:idem:{key}` (string "request-sha256|result", TTL), `:idem` (sorted set of those keys by time, to
+bound their number), `:lock`, `:keys` (set of the dynamic keys above, so deletion needs no SCAN).
+Global: `{prefix}:a0v2:{identity}` (hash: data, sha256; written once); the job stream, its consumer
+group, the dead letters and the versions channel are in `server.store_jobs`. Lua scripts are in
 `server.store_scripts`.
+
+Only `ensure_session` creates a session; every other write refuses a missing one, so a request or
+a worker still running when the session is deleted cannot bring it back. Storing a turn and queuing
+its update job is one script: that needs the job stream on the session's node (one Redis, or one
+shard), which is how the product runs today.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +42,9 @@ from server import store_scripts as lua
 from server.store_jobs import (
     Job,
     JobQueue,
+    QueueFull,
+    SessionNotFound,
+    StoreLimits,
     StoreUnavailable,
     VersionEvent,
     VersionSubscription,
@@ -42,12 +54,20 @@ from server.store_jobs import (
 )
 
 __all__ = [
+    "MAX_IDEMPOTENCY_KEY_CHARS",
+    "A0Corrupt",
     "AppendResult",
     "CommitResult",
+    "IdempotencyKeyReused",
+    "InvalidIdempotencyKey",
     "Job",
+    "QueueFull",
     "RedisStore",
+    "SessionFull",
+    "SessionNotFound",
     "SessionState",
     "StaleSnapshot",
+    "StoreLimits",
     "StoreUnavailable",
     "StoredCheckpoint",
     "UpdateSnapshot",
@@ -56,8 +76,37 @@ __all__ = [
 ]
 
 
+MAX_IDEMPOTENCY_KEY_CHARS = 255  # as Stripe: room for a UUID or a client's own scheme, not for a payload
+
+
 class StaleSnapshot(Exception):
     """The session changed (another commit, or deletion) since the snapshot was taken; nothing was written."""
+
+
+class SessionFull(Exception):
+    """The session holds `max_session_messages` messages or `max_session_bytes` bytes; nothing was written."""
+
+    def __init__(self, message: str, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit  # "turns" or "bytes"
+
+
+class IdempotencyKeyReused(Exception):
+    """The idempotency key was already used for a different request; nothing was written."""
+
+
+class InvalidIdempotencyKey(ValueError):
+    """An idempotency key that is empty or longer than MAX_IDEMPOTENCY_KEY_CHARS."""
+
+
+class A0Corrupt(Exception):
+    """The stored A0 does not match its stored sha256, or not the shapes this worker trains against."""
+
+
+def request_fingerprint(body: Any) -> str:
+    """The sha256 of a request body as canonical JSON: what an idempotency key is bound to."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class SessionState(BaseModel):
@@ -91,6 +140,7 @@ class AppendResult:
     turns_total: int
     appended: int
     duplicate: bool
+    queued: bool = False  # an update job was queued in the same step
 
 
 @dataclass(frozen=True)
@@ -105,6 +155,7 @@ class UpdateSnapshot:
     teach_pairs: list[dict[str, Any]] = field(default_factory=list)
     teach_count: int = 0
     summary: str = ""
+    incarnation: str = ""  # the session this snapshot read; a commit into a recreated session is refused
 
 
 @dataclass(frozen=True)
@@ -133,9 +184,11 @@ def _glob_escape(text: str) -> str:
 class RedisStore(JobQueue):
     """All TMEM state in Redis, behind async methods; Redis faults surface as StoreUnavailable."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "tmem", max_block_ms: int = 30_000) -> None:
-        super().__init__(client, prefix, max_block_ms)
+    def __init__(self, client: aioredis.Redis, prefix: str = "tmem", max_block_ms: int = 30_000,
+                 limits: StoreLimits | None = None) -> None:
+        super().__init__(client, prefix, max_block_ms, limits)
         self._append = client.register_script(lua.APPEND_TURNS)
+        self._add_teach = client.register_script(lua.ADD_TEACH_PAIRS)
         self._snapshot = client.register_script(lua.SNAPSHOT)
         self._commit = client.register_script(lua.COMMIT_UPDATE)
         self._hset_if_exists = client.register_script(lua.HSET_IF_EXISTS)
@@ -151,6 +204,7 @@ class RedisStore(JobQueue):
         socket_timeout: float = 5.0,
         retries: int = 3,
         health_check_interval: int = 15,
+        limits: StoreLimits | None = None,
         **redis_kwargs: Any,
     ) -> RedisStore:
         """A store over a new client with bounded retries: a short blip is ridden out, an outage is not hidden."""
@@ -166,7 +220,7 @@ class RedisStore(JobQueue):
             **redis_kwargs,
         )
         # A blocking XREADGROUP must return before the socket timeout fires, or it reads as a fault.
-        return cls(client, prefix, max_block_ms=max(0, int(socket_timeout * 1000) - 500))
+        return cls(client, prefix, max_block_ms=max(0, int(socket_timeout * 1000) - 500), limits=limits)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -224,6 +278,8 @@ class RedisStore(JobQueue):
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hsetnx(self._key(tenant, sid, "meta"), "created_at", now)
             pipe.hsetnx(self._key(tenant, sid, "meta"), "updated_at", now)
+            # Tells this session from one deleted and recreated under the same id (jobs, commits).
+            pipe.hsetnx(self._key(tenant, sid, "meta"), "incarnation", uuid.uuid4().hex)
             await pipe.execute()
         # The tenant's session index lives in another slot, so it is written outside the transaction.
         await self._redis.sadd(self._tenant_sessions_key(tenant), sid)
@@ -239,19 +295,47 @@ class RedisStore(JobQueue):
         sid: str,
         messages: list[dict[str, Any]],
         idempotency_key: str | None = None,
-        idem_ttl_s: int = 86400,
+        *,
+        request_sha256: str = "",
+        enqueue: str | None = None,
     ) -> AppendResult:
-        """Append messages atomically (creating the session); a repeated idempotency key appends nothing."""
+        """Append messages to an existing session atomically and, with `enqueue` (the job's reason), queue
+        its update in the same step. A repeated idempotency key appends nothing (a duplicate) when it came
+        with the same `request_sha256`, and raises IdempotencyKeyReused when it came with another.
+
+        Raises SessionNotFound, SessionFull, QueueFull (each writing nothing) and InvalidIdempotencyKey.
+        """
         for m in messages:
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError("every message needs a string 'role' and 'content'")
-        keys = [self._key(tenant, sid, s) for s in ("meta", "turns", "keys")]
+        keys = [self._key(tenant, sid, s) for s in ("meta", "turns", "keys", "idem")] + [self.jobs_stream]
         if idempotency_key is not None:
-            keys.append(self._key(tenant, sid, f"idem:{idempotency_key}"))
-        args: list[Any] = [time.time(), int(idem_ttl_s), *(json.dumps(m, ensure_ascii=False) for m in messages)]
-        duplicate, result = await self._append(keys=keys, args=args)
-        total, appended = as_str(result).split(":")
-        return AppendResult(turns_total=int(total), appended=int(appended), duplicate=bool(duplicate))
+            keys.append(self._key(tenant, sid, f"idem:{_checked_idempotency_key(idempotency_key)}"))
+        limits = self.limits
+        now = time.time()
+        args: list[Any] = [now, limits.idempotency_ttl_s, request_sha256, limits.max_session_messages,
+                           limits.max_session_bytes, limits.max_idempotency_keys, int(enqueue is not None),
+                           *self._queue_args(enqueue or "", tenant, sid),
+                           *(json.dumps(m, ensure_ascii=False) for m in messages)]
+        status, *rest = await self._append(keys=keys, args=args)
+        self._raise_for_append(status, rest, tenant, sid)
+        total, appended = as_str(rest[0]).split(":")
+        queued = status == 0 and bool(rest[1])
+        return AppendResult(turns_total=int(total), appended=int(appended), duplicate=status == 1, queued=queued)
+
+    def _raise_for_append(self, status: int, rest: list[Any], tenant: str, sid: str) -> None:
+        if status == -1:
+            raise SessionNotFound(f"session '{sid}' does not exist (deleted?)")
+        if status == -2:
+            limit = as_str(rest[0])
+            cap = self.limits.max_session_messages if limit == "turns" else self.limits.max_session_bytes
+            what = "messages" if limit == "turns" else "bytes of messages"
+            raise SessionFull(f"session '{sid}' is full: it may hold at most {cap} {what}; start a new session "
+                              "or delete this one", limit=limit)
+        if status == -3:
+            raise QueueFull(f"the update queue is full ({self.limits.job_stream_maxlen} jobs)")
+        if status == -4:
+            raise IdempotencyKeyReused("this Idempotency-Key was already used with a different request body")
 
     @faults_as_unavailable
     async def get_turns(self, tenant: str, sid: str, start: int = 0, end: int = -1) -> list[dict[str, Any]]:
@@ -261,21 +345,29 @@ class RedisStore(JobQueue):
 
     @faults_as_unavailable
     async def add_teach_pairs(self, tenant: str, sid: str, pairs: list[dict[str, Any]]) -> int:
-        """Queue explicit {instruction, output} pairs for the next update; returns how many are pending."""
+        """Queue explicit {instruction, output} pairs for the next update; returns how many are pending.
+
+        Raises SessionNotFound when the session does not exist.
+        """
         for p in pairs:
             if not isinstance(p.get("instruction"), str) or not isinstance(p.get("output"), str):
                 raise ValueError("every pair needs a string 'instruction' and 'output'")
-        meta, teach, now = self._key(tenant, sid, "meta"), self._key(tenant, sid, "teach"), time.time()
+        keys = [self._key(tenant, sid, "meta"), self._key(tenant, sid, "teach")]
+        pending = int(await self._add_teach(keys=keys, args=[time.time(), *(json.dumps(p, ensure_ascii=False)
+                                                                           for p in pairs)]))
+        if pending < 0:
+            raise SessionNotFound(f"session '{sid}' does not exist (deleted?)")
+        return pending
+
+    @faults_as_unavailable
+    async def session_incarnation(self, tenant: str, sid: str) -> str | None:
+        """The session's incarnation ("" for sessions made before incarnations), or None when it does not exist."""
+        meta = self._key(tenant, sid, "meta")
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(meta, "created_at", now)
-            if pairs:
-                pipe.rpush(teach, *(json.dumps(p, ensure_ascii=False) for p in pairs))
-            # never decreases: it makes job ids unique even after commits trim the list
-            pipe.hincrby(meta, "teach_total", len(pairs))
-            pipe.hset(meta, "updated_at", now)
-            pipe.llen(teach)
-            results = await pipe.execute()
-        return int(results[-1])
+            pipe.exists(meta)
+            pipe.hget(meta, "incarnation")
+            exists, incarnation = await pipe.execute()
+        return as_str(incarnation) if exists else None
 
     @faults_as_unavailable
     async def set_last_error(self, tenant: str, sid: str, message: str) -> None:
@@ -286,7 +378,7 @@ class RedisStore(JobQueue):
     async def delete_session(self, tenant: str, sid: str) -> bool:
         """Remove every key of the session (jobs already queued for it find an empty snapshot); True when any."""
         keyset = self._key(tenant, sid, "keys")
-        fixed = [self._key(tenant, sid, s) for s in ("meta", "turns", "teach", "memories", "lock", "keys")]
+        fixed = [self._key(tenant, sid, s) for s in ("meta", "turns", "teach", "memories", "lock", "keys", "idem")]
         # The set names every dynamic key (checkpoints, idempotency keys), so no keyspace-wide SCAN is
         # needed; WATCH retries the delete when a concurrent write adds a key to the set meanwhile.
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -319,7 +411,7 @@ class RedisStore(JobQueue):
         raw = await self._snapshot(keys=keys)
         if raw is None:
             return UpdateSnapshot(version=0, generation=0, absorbed_turns=0, turns_total=0)
-        version, generation, absorbed, total, summary, new, teach = raw
+        version, generation, absorbed, total, summary, new, teach, incarnation = raw
         pairs = [json.loads(p) for p in teach]
         return UpdateSnapshot(
             version=int(version),
@@ -330,6 +422,7 @@ class RedisStore(JobQueue):
             teach_pairs=pairs,
             teach_count=len(pairs),
             summary=as_str(summary),
+            incarnation=as_str(incarnation),
         )
 
     @faults_as_unavailable
@@ -348,10 +441,11 @@ class RedisStore(JobQueue):
         max_memories: int = 512,
     ) -> CommitResult:
         """Apply one update atomically: new checkpoint + version, absorbed turns, trimmed teach pairs, summary,
-        the memories it learned from (stamped with the version) and its report.
+        the memories it learned from (stamped with the version) and its report. Checkpoints older than
+        the newest `max_checkpoints` are deleted in the same step.
 
         Raises StaleSnapshot (writing nothing) when another commit happened since the snapshot, or the
-        session was deleted. Announces the resulting version on the versions channel.
+        session was deleted (even if recreated since). Announces the resulting version on the versions channel.
         """
         if checkpoint is not None and not sha256:
             raise ValueError("a checkpoint needs its sha256")
@@ -379,11 +473,13 @@ class RedisStore(JobQueue):
             sid,
             max(1, max_memories),
             json.dumps(report or {}, ensure_ascii=False),
+            snapshot.incarnation,
+            max(1, self.limits.max_checkpoints),
             *(json.dumps(m, ensure_ascii=False) for m in memories),
         ]
         status, *rest = await self._commit(keys=keys, args=args)
         if status == -1:
-            raise StaleSnapshot(f"session {tenant}/{sid} no longer exists")
+            raise StaleSnapshot(f"session {tenant}/{sid} no longer exists (or was deleted and recreated)")
         if status == 0:
             raise StaleSnapshot(
                 f"session {tenant}/{sid} moved on from version {snapshot.version} (now {rest[0]}) since the snapshot"
@@ -433,13 +529,42 @@ class RedisStore(JobQueue):
         return bool(await self._release_lock(keys=[self._key(tenant, sid, "lock")], args=[owner]))
 
     # -- A0 (per base model, shared by every session) -----------------------------------------------
+    def _a0_key(self, identity: str) -> str:
+        # v2: a hash {data, sha256}; v1 was a bare string written by every worker (last writer won).
+        return f"{self.prefix}:a0v2:{identity}"
+
     @faults_as_unavailable
-    async def put_a0(self, identity: str, data: bytes) -> None:
-        """Store the frozen A0 blob of one base model."""
-        await self._redis.set(f"{self.prefix}:a0:{identity}", data)
+    async def put_a0(self, identity: str, data: bytes) -> bytes:
+        """Publish the frozen A0 of one base model unless one is stored already; returns the stored A0.
+
+        The first writer wins (HSETNX in one transaction): a later worker whose A0 differs (another
+        device's SVD, say) must adopt the returned one, which is what every replica serves.
+        """
+        key = self._a0_key(identity)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(key, "data", data)
+            pipe.hsetnx(key, "sha256", hashlib.sha256(data).hexdigest())
+            await pipe.execute()
+        stored = await self.get_a0(identity)
+        if stored is None:  # only a concurrent FLUSH/DEL gets here
+            raise A0Corrupt(f"A0 {identity} vanished right after it was written")
+        return stored
 
     @faults_as_unavailable
     async def get_a0(self, identity: str) -> bytes | None:
-        """The A0 blob of one base model, or None."""
-        raw = await self._redis.get(f"{self.prefix}:a0:{identity}")
-        return None if raw is None else as_bytes(raw)
+        """The A0 blob of one base model, verified against its stored sha256; None when absent."""
+        raw = await self._redis.hgetall(self._a0_key(identity))
+        if not raw:
+            return None
+        data, expected = as_bytes(raw.get(b"data", b"")), as_str(raw.get(b"sha256"))
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise A0Corrupt(f"stored A0 {identity} does not match its sha256 (expected {expected[:12]}…, "
+                            f"got {actual[:12]}…): delete {self._a0_key(identity)} and restart the workers")
+        return data
+
+
+def _checked_idempotency_key(key: str) -> str:
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise InvalidIdempotencyKey(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
+    return key

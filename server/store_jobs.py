@@ -4,23 +4,29 @@ Jobs live on one Redis Stream (`{prefix}:jobs`) read through one consumer group 
 as taskiq-redis and arq do: the group is created at start-up, a job is acknowledged (and deleted)
 only after its result is durable, and a crashed consumer's jobs are reclaimed with XAUTOCLAIM. At
 most one job per session is pending: a flag in the session's meta hash coalesces the rest.
+
+A job that keeps failing is retried at most `max_job_attempts` times (the stream's own delivery count),
+then moved to the dead-letter stream `{prefix}:jobs:dead` and acknowledged, so it cannot be reclaimed
+forever. The job stream is capped (`job_stream_maxlen`) by refusing new jobs, never by trimming: it
+holds only jobs not yet done, and a trim would drop them silently.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from server import store_scripts as lua
@@ -34,6 +40,39 @@ class StoreUnavailable(Exception):
     """Redis could not be reached (after the client's bounded retries); the HTTP layer answers 503."""
 
 
+class StoreFull(StoreUnavailable):
+    """Redis refused a command at maxmemory (noeviction: it never drops data to make room); also a 503."""
+
+
+class QueueFull(Exception):
+    """The update queue holds `job_stream_maxlen` jobs; nothing was written (the HTTP layer answers 503)."""
+
+
+class SessionNotFound(Exception):
+    """The session does not exist (or was deleted meanwhile): writes never recreate a session."""
+
+
+DEAD_LETTERS_KEPT = 10_000  # dead letters are a record for operators, not work: trimming the oldest is fine
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    """Bounds on what one session and the job queue may hold in Redis (see Settings for each)."""
+
+    max_checkpoints: int = 8
+    max_session_messages: int = 20_000
+    max_session_bytes: int = 16_000_000
+    idempotency_ttl_s: int = 86_400
+    max_idempotency_keys: int = 1024
+    job_stream_maxlen: int = 100_000
+    job_stale_after_s: float = 900.0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> StoreLimits:
+        """The limits configured in `server.settings.Settings` (duck-typed: the store does not import it)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls) if hasattr(settings, f.name)})
+
+
 @dataclass(frozen=True)
 class Job:
     """One queued session update, as read from the stream."""
@@ -45,6 +84,8 @@ class Job:
     reason: str
     force: bool
     enqueued_at: float
+    incarnation: str = ""  # the session's incarnation when queued ("" for jobs queued before incarnations)
+    deliveries: int = 1  # times the stream delivered this job, this delivery included
 
 
 @dataclass(frozen=True)
@@ -65,6 +106,8 @@ def faults_as_unavailable(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutin
             return await fn(*args, **kwargs)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+        except OutOfMemoryError as exc:  # "OOM command not allowed...": transient for us, a full disk to the operator
+            raise StoreFull(f"Redis is out of memory: {exc}") from exc
 
     return wrapper
 
@@ -84,11 +127,15 @@ def as_bytes(value: bytes | str) -> bytes:
 class JobQueue:
     """Session update jobs on a Redis Stream; the base of RedisStore, which adds the session keys."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "tmem", max_block_ms: int = 30_000) -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str = "tmem", max_block_ms: int = 30_000,
+                 limits: StoreLimits | None = None) -> None:
         self._redis, self.prefix, self._max_block_ms = client, prefix, max_block_ms
+        self.limits = limits or StoreLimits()
         self.jobs_stream, self.group = f"{prefix}:jobs", f"{prefix}:workers"
+        self.dead_letters = f"{prefix}:jobs:dead"
         self.versions_channel = f"{prefix}:versions"
-        self._mark_pending = client.register_script(lua.MARK_JOB_PENDING)
+        self._enqueue = client.register_script(lua.ENQUEUE_JOB)
+        self._take_budget = client.register_script(lua.TAKE_UPDATE_BUDGET)
 
     def _key(self, tenant: str, sid: str, suffix: str) -> str:
         """A per-session key; the `{tenant:sid}` hash tag keeps one session on one cluster slot."""
@@ -105,35 +152,22 @@ class JobQueue:
                 raise
 
     @faults_as_unavailable
-    async def enqueue_update(
-        self, tenant: str, sid: str, reason: str, force: bool = False, stale_after_s: float = 900.0
-    ) -> bool:
+    async def enqueue_update(self, tenant: str, sid: str, reason: str, force: bool = False) -> bool:
         """Queue an update unless one is already pending for the session; False when coalesced (or no session).
 
-        force queues even when a job is pending: duplicates are harmless, since the worker's per-session
-        lock and snapshot/commit make a job with nothing new a no-op.
+        Flag and job are written in one script, so a fault cannot leave one without the other. force
+        queues even when a job is pending: duplicates are harmless, since the worker's per-session lock
+        and snapshot/commit make a job with nothing new a no-op. Raises QueueFull at the queue's cap.
         """
-        meta = self._key(tenant, sid, "meta")
-        marked = await self._mark_pending(keys=[meta], args=[time.time(), stale_after_s, int(force)])
-        if marked is None or not marked[0]:
-            return False
-        job_id = f"{tenant}:{sid}:{int(marked[1])}:{int(marked[2])}"
-        fields = {
-            "job_id": job_id,
-            "tenant": tenant,
-            "sid": sid,
-            "reason": reason,
-            "force": int(force),
-            "enqueued_at": time.time(),
-        }
-        try:
-            await self._redis.xadd(self.jobs_stream, fields)  # type: ignore[arg-type]
-        except Exception:
-            # Without its job the flag would block the session until stale_after_s; drop it if we can.
-            with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
-                await self._redis.hdel(meta, "job_pending_since")
-            raise
-        return True
+        keys = [self._key(tenant, sid, "meta"), self.jobs_stream]
+        (status,) = await self._enqueue(keys=keys, args=[time.time(), *self._queue_args(reason, tenant, sid, force)])
+        if status == -3:
+            raise QueueFull(f"the update queue is full ({self.limits.job_stream_maxlen} jobs)")
+        return bool(status == 1)
+
+    def _queue_args(self, reason: str, tenant: str, sid: str, force: bool = False) -> list[Any]:
+        """The ARGV tail the queuing scripts share, after `now`: stale_after_s, force, reason, tenant, sid, maxlen."""
+        return [self.limits.job_stale_after_s, int(force), reason, tenant, sid, self.limits.job_stream_maxlen]
 
     @faults_as_unavailable
     async def clear_pending_flag(self, tenant: str, sid: str) -> None:
@@ -173,7 +207,18 @@ class JobQueue:
             jobs += await self._parse_jobs(entries)
             if as_str(cursor) == "0-0":
                 break
-        return jobs
+        return await self._with_deliveries(jobs)
+
+    async def _with_deliveries(self, jobs: list[Job]) -> list[Job]:
+        """The jobs with their delivery counts from the group's pending list (XAUTOCLAIM counts each claim)."""
+        if not jobs:
+            return jobs
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                pipe.xpending_range(self.jobs_stream, self.group, min=job.stream_id, max=job.stream_id, count=1)
+            replies = await pipe.execute()
+        counts = [int(r[0]["times_delivered"]) if r else job.deliveries for job, r in zip(jobs, replies, strict=True)]
+        return [dataclasses.replace(job, deliveries=n) for job, n in zip(jobs, counts, strict=True)]
 
     @faults_as_unavailable
     async def ack(self, job: Job) -> None:
@@ -182,6 +227,44 @@ class JobQueue:
             pipe.xack(self.jobs_stream, self.group, job.stream_id)
             pipe.xdel(self.jobs_stream, job.stream_id)
             await pipe.execute()
+
+    @faults_as_unavailable
+    async def dead_letter(self, job: Job, error: str) -> None:
+        """Give up on a job: record it with its error on the dead-letter stream, then ack and delete it."""
+        fields = {**_job_fields(job), "error": error[:2000], "deliveries": job.deliveries, "failed_at": time.time()}
+        # Dead letter first, ack second (two slots on a cluster, so not one transaction): a fault between
+        # them leaves the job pending and recorded twice at worst, never lost.
+        await self._redis.xadd(self.dead_letters, fields, maxlen=DEAD_LETTERS_KEPT, approximate=True)  # type: ignore[arg-type]
+        await self.ack(job)
+
+    @faults_as_unavailable
+    async def read_dead_letters(self, count: int = 100) -> list[dict[str, str]]:
+        """The newest dead letters, oldest first: the job's fields plus error, deliveries and failed_at."""
+        entries = await self._redis.xrevrange(self.dead_letters, count=count) or []
+        return [{as_str(k): as_str(v) for k, v in (raw or {}).items()} for _, raw in reversed(entries)]
+
+    @faults_as_unavailable
+    async def defer(self, job: Job) -> None:
+        """Move a job to the back of the queue, as not yet tried (its tenant is over budget, or its session is
+        busy on another worker): re-add it, then ack the original."""
+        await self._redis.xadd(self.jobs_stream, _job_fields(job))  # type: ignore[arg-type]
+        await self.ack(job)
+
+    @faults_as_unavailable
+    async def touch(self, consumer: str, jobs: Sequence[Job]) -> None:
+        """Reset the idle time of jobs still being worked on (XCLAIM JUSTID, which counts no delivery), so a
+        long update is not reclaimed by another worker and charged an attempt it never made."""
+        if jobs:
+            await self._redis.xclaim(self.jobs_stream, self.group, consumer, 0,
+                                     [job.stream_id for job in jobs], justid=True)
+
+    @faults_as_unavailable
+    async def take_update_budget(self, tenant: str, per_minute: int) -> bool:
+        """Count one update against the tenant's budget for this minute; False (counting nothing) when spent."""
+        if per_minute <= 0:
+            return True
+        key = f"{self.prefix}:update-budget:{{{tenant}}}:{int(time.time() // 60)}"
+        return bool(await self._take_budget(keys=[key], args=[per_minute]))
 
     @faults_as_unavailable
     async def queue_depth(self) -> int:
@@ -214,6 +297,7 @@ class JobQueue:
                         reason=f.get("reason", ""),
                         force=f.get("force") == "1",
                         enqueued_at=float(f.get("enqueued_at", 0.0)),
+                        incarnation=f.get("incarnation", ""),
                     )
                 )
             except (KeyError, ValueError):
@@ -228,6 +312,12 @@ class JobQueue:
     def subscribe_versions(self) -> VersionSubscription:
         """Version events from every replica's commits: `async with store.subscribe_versions() as events`."""
         return VersionSubscription(self._redis, self.versions_channel)
+
+
+def _job_fields(job: Job) -> dict[str, Any]:
+    """A job as stream fields (what the queuing scripts write)."""
+    return {"job_id": job.job_id, "tenant": job.tenant, "sid": job.sid, "reason": job.reason,
+            "force": int(job.force), "enqueued_at": job.enqueued_at, "incarnation": job.incarnation}
 
 
 class VersionSubscription:

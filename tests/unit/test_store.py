@@ -8,6 +8,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,6 +45,17 @@ async def store(redis_srv: RedisServer) -> AsyncIterator[RedisStore]:
     await s.ensure_group()
     yield s
     await s.aclose()
+
+
+async def append(store: RedisStore, sid: str, messages: list[dict[str, str]], **kwargs: Any) -> AppendResult:
+    """Create the session when missing, then append: append_turns itself never creates one."""
+    await store.ensure_session(T, sid)
+    return await store.append_turns(T, sid, messages, **kwargs)
+
+
+async def teach(store: RedisStore, sid: str, pairs: list[dict[str, str]]) -> int:
+    await store.ensure_session(T, sid)
+    return await store.add_teach_pairs(T, sid, pairs)
 
 
 def sha(data: bytes) -> str:
@@ -83,8 +95,8 @@ async def test_ensure_creates_once_and_get_reads_it(store: RedisStore) -> None:
 
 
 async def test_append_turns_counts_and_reads_back_in_order(store: RedisStore) -> None:
-    first = await store.append_turns(T, "s", HELLO)
-    second = await store.append_turns(T, "s", [{"role": "user", "content": "Olá — ünïcode"}])
+    first = await append(store, "s", HELLO)
+    second = await append(store, "s", [{"role": "user", "content": "Olá — ünïcode"}])
     assert (first, second) == (AppendResult(2, 2, False), AppendResult(3, 1, False))
     assert await store.get_turns(T, "s") == [*HELLO, {"role": "user", "content": "Olá — ünïcode"}]
     assert await store.get_turns(T, "s", 1, 1) == [HELLO[1]]
@@ -93,12 +105,12 @@ async def test_append_turns_counts_and_reads_back_in_order(store: RedisStore) ->
 
 
 async def test_append_with_same_idempotency_key_stores_once(store: RedisStore) -> None:
-    first = await store.append_turns(T, "s", HELLO, idempotency_key="req-1")
-    again = await store.append_turns(T, "s", [{"role": "user", "content": "other"}], idempotency_key="req-1")
+    first = await append(store, "s", HELLO, idempotency_key="req-1")
+    again = await append(store, "s", [{"role": "user", "content": "other"}], idempotency_key="req-1")
     assert first == AppendResult(2, 2, False)
     assert again == AppendResult(2, 2, True)  # the stored result of the first call
     assert await store.get_turns(T, "s") == HELLO
-    racing = await asyncio.gather(*(store.append_turns(T, "s", HELLO, idempotency_key="req-2") for _ in range(8)))
+    racing = await asyncio.gather(*(append(store, "s", HELLO, idempotency_key="req-2") for _ in range(8)))
     assert sum(not r.duplicate for r in racing) == 1
     assert {r.turns_total for r in racing} == {4}
     assert len(await store.get_turns(T, "s")) == 4
@@ -114,16 +126,16 @@ async def test_malformed_messages_and_pairs_are_refused_before_writing(store: Re
 
 
 async def test_teach_pairs_are_counted_as_pending(store: RedisStore) -> None:
-    assert await store.add_teach_pairs(T, "s", [PAIR, PAIR]) == 2
-    assert await store.add_teach_pairs(T, "s", [PAIR]) == 3
+    assert await teach(store, "s", [PAIR, PAIR]) == 2
+    assert await teach(store, "s", [PAIR]) == 3
     state = await store.get_session(T, "s")
     assert state is not None and state.teach_pending == 3 and state.pending_updates == 3
 
 
 # -- snapshot / commit -------------------------------------------------------------------------------
 async def test_commit_with_checkpoint_bumps_version_by_exactly_one(store: RedisStore) -> None:
-    await store.append_turns(T, "s", HELLO)
-    await store.add_teach_pairs(T, "s", [PAIR])
+    await append(store, "s", HELLO)
+    await teach(store, "s", [PAIR])
     snap = await store.claim_snapshot(T, "s")
     assert (snap.version, snap.absorbed_turns, snap.turns_total, snap.teach_count) == (0, 0, 2, 1)
     assert snap.new_turns == HELLO and snap.teach_pairs == [PAIR] and snap.summary == ""
@@ -142,7 +154,7 @@ async def test_commit_with_checkpoint_bumps_version_by_exactly_one(store: RedisS
     )
     assert state.summary == "Ann lives in Lisbon." and state.pending_updates == 0 and state.last_job == "job-0"
 
-    await store.append_turns(T, "s", [{"role": "user", "content": "And Bob?"}])
+    await append(store, "s", [{"role": "user", "content": "And Bob?"}])
     snap2 = await store.claim_snapshot(T, "s")
     assert (snap2.version, snap2.absorbed_turns, snap2.turns_total, snap2.summary) == (1, 2, 3, "Ann lives in Lisbon.")
     assert snap2.new_turns == [{"role": "user", "content": "And Bob?"}]
@@ -152,12 +164,12 @@ async def test_commit_with_checkpoint_bumps_version_by_exactly_one(store: RedisS
 
 
 async def test_commit_keeps_what_arrived_after_the_snapshot(store: RedisStore) -> None:
-    await store.append_turns(T, "s", HELLO)
-    await store.add_teach_pairs(T, "s", [PAIR, PAIR])
+    await append(store, "s", HELLO)
+    await teach(store, "s", [PAIR, PAIR])
     snap = await store.claim_snapshot(T, "s")
     late_pair = {"instruction": "Who is Bob?", "output": "Ann's brother"}
-    await store.add_teach_pairs(T, "s", [late_pair])
-    await store.append_turns(T, "s", [{"role": "user", "content": "late"}])
+    await teach(store, "s", [late_pair])
+    await append(store, "s", [{"role": "user", "content": "late"}])
     await commit(store, "s", snap)
     state = await store.get_session(T, "s")
     assert state is not None and (state.absorbed_turns, state.turns, state.teach_pending) == (2, 3, 1)
@@ -166,7 +178,7 @@ async def test_commit_keeps_what_arrived_after_the_snapshot(store: RedisStore) -
 
 
 async def test_commit_without_checkpoint_absorbs_but_keeps_version(store: RedisStore) -> None:
-    await store.append_turns(T, "s", HELLO)
+    await append(store, "s", HELLO)
     snap = await store.claim_snapshot(T, "s")
     assert await commit(store, "s", snap, data=None, summary="just a summary") == CommitResult(0, False)
     state = await store.get_session(T, "s")
@@ -177,18 +189,18 @@ async def test_commit_without_checkpoint_absorbs_but_keeps_version(store: RedisS
     )
     assert await store.list_versions(T, "s") == []
     # summary=None leaves the summary alone
-    await store.append_turns(T, "s", HELLO)
+    await append(store, "s", HELLO)
     await commit(store, "s", await store.claim_snapshot(T, "s"), data=None, summary=None)
     state = await store.get_session(T, "s")
     assert state is not None and state.summary == "just a summary" and state.absorbed_turns == 4
 
 
 async def test_stale_snapshot_is_refused_and_writes_nothing(store: RedisStore) -> None:
-    await store.append_turns(T, "s", HELLO)
-    await store.add_teach_pairs(T, "s", [PAIR])
+    await append(store, "s", HELLO)
+    await teach(store, "s", [PAIR])
     winner, loser = await store.claim_snapshot(T, "s"), await store.claim_snapshot(T, "s")
     await commit(store, "s", winner, b"w", "winner")
-    await store.add_teach_pairs(T, "s", [PAIR])
+    await teach(store, "s", [PAIR])
     with pytest.raises(StaleSnapshot):
         await commit(store, "s", loser, b"l", "loser")
     state = await store.get_session(T, "s")
@@ -199,10 +211,10 @@ async def test_stale_snapshot_is_refused_and_writes_nothing(store: RedisStore) -
 
 
 async def test_two_commits_without_checkpoint_from_one_snapshot_conflict(store: RedisStore) -> None:
-    await store.add_teach_pairs(T, "s", [PAIR, PAIR])
+    await teach(store, "s", [PAIR, PAIR])
     snap = await store.claim_snapshot(T, "s")
     await commit(store, "s", snap, data=None)
-    await store.add_teach_pairs(T, "s", [PAIR])
+    await teach(store, "s", [PAIR])
     with pytest.raises(StaleSnapshot):  # the version did not move, but trimming twice would lose a pair
         await commit(store, "s", snap, data=None)
     state = await store.get_session(T, "s")
@@ -210,7 +222,7 @@ async def test_two_commits_without_checkpoint_from_one_snapshot_conflict(store: 
 
 
 async def test_deleted_session_gives_empty_snapshot_and_refuses_commit(store: RedisStore) -> None:
-    await store.append_turns(T, "s", HELLO)
+    await append(store, "s", HELLO)
     snap = await store.claim_snapshot(T, "s")
     assert await store.delete_session(T, "s")
     empty = await store.claim_snapshot(T, "s")
@@ -223,7 +235,7 @@ async def test_deleted_session_gives_empty_snapshot_and_refuses_commit(store: Re
 async def test_last_error_is_set_only_on_existing_sessions_and_cleared_by_a_commit(store: RedisStore) -> None:
     await store.set_last_error(T, "ghost", "boom")
     assert await store.get_session(T, "ghost") is None
-    await store.append_turns(T, "s", HELLO)
+    await append(store, "s", HELLO)
     await store.set_last_error(T, "s", "update rejected: nan")
     state = await store.get_session(T, "s")
     assert state is not None and state.last_error == "update rejected: nan"
@@ -233,7 +245,7 @@ async def test_last_error_is_set_only_on_existing_sessions_and_cleared_by_a_comm
 
 
 async def test_version_event_is_published_after_commit(store: RedisStore) -> None:
-    await store.append_turns(T, "pub", HELLO)
+    await append(store, "pub", HELLO)
     async with store.subscribe_versions() as events:
         await commit(store, "pub", await store.claim_snapshot(T, "pub"))
         event = await asyncio.wait_for(anext(events), timeout=5)
@@ -244,7 +256,7 @@ async def test_version_event_is_published_after_commit(store: RedisStore) -> Non
 
 # -- jobs --------------------------------------------------------------------------------------------
 async def test_enqueue_coalesces_until_the_worker_starts(store: RedisStore) -> None:
-    await store.append_turns(T, "s", HELLO)
+    await append(store, "s", HELLO)
     assert await store.enqueue_update(T, "s", reason="turn") is True
     assert await store.enqueue_update(T, "s", reason="turn") is False
     state = await store.get_session(T, "s")
@@ -253,24 +265,24 @@ async def test_enqueue_coalesces_until_the_worker_starts(store: RedisStore) -> N
     assert [(j.job_id, j.tenant, j.sid, j.reason, j.force) for j in jobs] == [(f"{T}:s:2:0", T, "s", "turn", False)]
     assert jobs[0].enqueued_at > 0
     await store.clear_pending_flag(T, "s")  # the worker starts the update
-    await store.append_turns(T, "s", HELLO)
-    await store.add_teach_pairs(T, "s", [PAIR])
+    await append(store, "s", HELLO)
+    await teach(store, "s", [PAIR])
     assert await store.enqueue_update(T, "s", reason="teach") is True
     assert await store.enqueue_update(T, "s", reason="turn") is False
     assert [j.job_id for j in await store.read_jobs("w1", count=10)] == [f"{T}:s:4:1"]
 
 
 async def test_concurrent_enqueues_queue_exactly_one_job(store: RedisStore) -> None:
-    await store.append_turns(T, "s", HELLO)
+    await append(store, "s", HELLO)
     results = await asyncio.gather(*(store.enqueue_update(T, "s", reason="turn") for _ in range(20)))
     assert results.count(True) == 1
     assert await store.client.xlen(store.jobs_stream) == 1
 
 
 async def test_job_ids_are_deterministic_and_teach_counter_never_decreases(store: RedisStore) -> None:
-    await store.add_teach_pairs(T, "s", [PAIR, PAIR])
+    await teach(store, "s", [PAIR, PAIR])
     await commit(store, "s", await store.claim_snapshot(T, "s"))  # trims the list to 0 pairs
-    await store.add_teach_pairs(T, "s", [PAIR])
+    await teach(store, "s", [PAIR])
     await store.enqueue_update(T, "s", reason="teach")
     (job,) = await store.read_jobs("w", count=5)
     assert job.job_id == f"{T}:s:0:3"  # 3 pairs ever taught, although 1 is pending
@@ -283,7 +295,7 @@ async def test_enqueue_for_unknown_session_queues_nothing(store: RedisStore) -> 
 
 
 async def test_force_queues_even_when_a_job_is_pending(store: RedisStore) -> None:
-    await store.append_turns(T, "s", HELLO)
+    await append(store, "s", HELLO)
     assert await store.enqueue_update(T, "s", reason="turn")
     assert await store.enqueue_update(T, "s", reason="manual", force=True)
     jobs = await store.read_jobs("w", count=5)
@@ -292,7 +304,7 @@ async def test_force_queues_even_when_a_job_is_pending(store: RedisStore) -> Non
 
 async def test_read_ack_and_queue_depth(store: RedisStore) -> None:
     for sid in ("a", "b", "c"):
-        await store.append_turns(T, sid, HELLO)
+        await append(store, sid, HELLO)
         await store.enqueue_update(T, sid, reason="turn")
     assert await store.queue_depth() == 3
     jobs = await store.read_jobs("w", count=2, block_ms=100)
@@ -309,7 +321,7 @@ async def test_read_ack_and_queue_depth(store: RedisStore) -> None:
 
 
 async def test_reclaim_takes_over_a_job_nobody_acked(store: RedisStore) -> None:
-    await store.append_turns(T, "s", HELLO)
+    await append(store, "s", HELLO)
     await store.enqueue_update(T, "s", reason="turn")
     (lost,) = await store.read_jobs("crashed", count=1)
     assert await store.reclaim("rescuer", min_idle_ms=60_000) == []  # not idle long enough yet
@@ -329,7 +341,7 @@ async def test_reclaim_takes_over_a_job_nobody_acked(store: RedisStore) -> None:
 
 async def test_reclaim_skips_entries_deleted_while_pending(store: RedisStore) -> None:
     for sid in ("a", "b"):
-        await store.append_turns(T, sid, HELLO)
+        await append(store, sid, HELLO)
         await store.enqueue_update(T, sid, reason="turn")
     gone, kept = await store.read_jobs("crashed", count=2)
     await store.client.xdel(store.jobs_stream, gone.stream_id)
@@ -344,12 +356,12 @@ async def test_jobs_work_over_resp2_and_resp3(redis_srv: RedisServer, protocol: 
     try:
         await s.ensure_group()
         await s.ensure_group()  # idempotent
-        await s.append_turns(T, "s", HELLO)
+        await append(s, "s", HELLO)
         await s.enqueue_update(T, "s", reason="turn")
         (job,) = await s.read_jobs("crashed", count=1, block_ms=100)
         await asyncio.sleep(0.06)
         (again,) = await s.reclaim("rescuer", min_idle_ms=50)
-        assert job == again and job.job_id == f"{T}:s:2:0"
+        assert (again.stream_id, again.job_id, job.deliveries, again.deliveries) == (job.stream_id, f"{T}:s:2:0", 1, 2)
         assert await s.queue_depth() == 1
     finally:
         await s.aclose()
@@ -380,23 +392,23 @@ async def test_a0_blobs_round_trip(store: RedisStore) -> None:
 
 async def test_delete_removes_every_key_of_the_session_only(store: RedisStore) -> None:
     for sid in ("gone", "kept"):
-        await store.append_turns(T, sid, HELLO, idempotency_key="k1")
-        await store.add_teach_pairs(T, sid, [PAIR])
+        await append(store, sid, HELLO, idempotency_key="k1")
+        await teach(store, sid, [PAIR])
         await commit(store, sid, await store.claim_snapshot(T, sid))
-        await store.append_turns(T, sid, HELLO, idempotency_key="k2")
+        await append(store, sid, HELLO, idempotency_key="k2")
         await commit(store, sid, await store.claim_snapshot(T, sid))
         await store.acquire_session_lock(T, sid, "w", 10_000)
     before = await session_keys(store, "gone")
-    assert len(before) == 8  # meta turns keys lock idem×2 ckpt×2 (teach is empty after the commits)
+    assert len(before) == 9  # meta turns keys lock idem×2 + their index, ckpt×2 (teach is empty after the commits)
     assert all(f"{{{T}:gone}}".encode() in k for k in before)
     assert await store.delete_session(T, "gone") is True
     assert await session_keys(store, "gone") == []
     assert await store.list_versions(T, "gone") == []
     assert await store.get_session(T, "gone") is None
     assert await store.delete_session(T, "gone") is False
-    assert len(await session_keys(store, "kept")) == 8 and await store.list_versions(T, "kept") == [1, 2]
+    assert len(await session_keys(store, "kept")) == 9 and await store.list_versions(T, "kept") == [1, 2]
     # a new session of the same id starts from scratch, idempotency keys included
-    assert await store.append_turns(T, "gone", HELLO, idempotency_key="k1") == AppendResult(2, 2, False)
+    assert await append(store, "gone", HELLO, idempotency_key="k1") == AppendResult(2, 2, False)
 
 
 async def test_session_pattern_escapes_glob_characters(store: RedisStore) -> None:
@@ -411,7 +423,7 @@ async def test_store_unavailable_while_redis_is_down_and_data_survives_restart()
         s = RedisStore.from_url(server.url, prefix="faults", socket_timeout=1.0, retries=1)
         try:
             await s.ensure_group()
-            await s.append_turns(T, "s", HELLO)
+            await append(s, "s", HELLO)
             await commit(s, "s", await s.claim_snapshot(T, "s"), b"durable")
             await s.enqueue_update(T, "s", reason="turn", force=True)
             server.stop()
