@@ -11,20 +11,22 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server.auth import KeyRing, RateLimiter
+from server.auth import KeyRing, RateLimiter, StartupRefused, refuse_open_exposure
 from server.chat import ChatService
 from server.deps import Auth, Services
 from server.engine import Engine
 from server.errors import RequestIdMiddleware, ServiceUnavailable, install_error_handlers, register_exception
 from server.generation import EngineGenerator
-from server.limits import BodySizeLimit
+from server.limits import BodySizeLimit, HostAllowList, allowed_hosts
 from server.metrics import METRICS
 from server.pool import AdapterPool
 from server.redis_proc import PrivateRedis
 from server.routers import chat, sessions, system
 from server.sessions import SessionService
 from server.settings import Settings
-from server.store import RedisStore, StoreUnavailable
+from server.store import RedisStore, StoreLimits, StoreUnavailable
+from server.store_errors import register_store_errors
+from server.store_jobs import StoreFull
 from server.trainer_runtime import TrainerRuntime
 from server.worker import UpdateWorker
 
@@ -32,7 +34,12 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """An app whose lifespan owns every resource; nothing is started at import time."""
+    """An app whose lifespan owns every resource; nothing is started at import time.
+
+    Raises StartupRefused for a configuration that must not serve (bad key file, open on a reachable host).
+    """
+    keys = _key_ring(settings)
+    refuse_open_exposure(settings, keys)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -41,24 +48,41 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="TMEM server", version="0.1.0", lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(HostAllowList, hosts=allowed_hosts(settings))  # outside the body limit: no body read
     app.add_middleware(RequestIdMiddleware)
-    app.state.auth = Auth(KeyRing.from_settings(settings), RateLimiter(None, settings.redis_prefix, 0, 0))
+    app.state.auth = Auth(keys, RateLimiter(None, settings.redis_prefix, 0, 0))
     if not app.state.auth.keys.enabled:
         log.warning("NO API KEYS CONFIGURED: the server is open to anyone who can reach it "
                     "(set TMEM_API_KEYS or --api-keys-file; --require-auth refuses to start without keys)")
     app.add_middleware(RequestCounter)
     install_error_handlers(app)
     register_exception(StoreUnavailable, _store_unavailable)
+    register_exception(StoreFull, _store_full)
+    register_store_errors()
     for module in (chat, sessions, system):
         app.include_router(module.router)
     app.openapi = _without_422(app.openapi)  # type: ignore[method-assign]
     return app
 
 
+def _key_ring(settings: Settings) -> KeyRing:
+    try:
+        return KeyRing.from_settings(settings)
+    except (OSError, ValueError) as exc:  # the messages name the entry, never a key
+        raise StartupRefused(f"API keys: {exc}") from exc
+
+
 def _store_unavailable(exc: StoreUnavailable) -> ServiceUnavailable:
     METRICS.store_errors.inc()
     return ServiceUnavailable("session storage (Redis) is unavailable; retry shortly", retry_after=2,
                               code="store_unavailable")
+
+
+def _store_full(exc: StoreFull) -> ServiceUnavailable:
+    # Not the client's fault and not a bug: Redis refuses writes at maxmemory until an operator frees room.
+    METRICS.store_errors.inc()
+    return ServiceUnavailable("session storage (Redis) is out of memory; retry later (the operator must raise "
+                              "its maxmemory or free space)", retry_after=30, code="store_full")
 
 
 def _without_422(build: Any) -> Any:
@@ -106,14 +130,14 @@ async def _running(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     if redis_url is None:
         private = PrivateRedis(settings.redis_data_dir).start()
         redis_url = private.url
-        log.info("started a private redis-server at %s (data in %s)", redis_url, private.data_dir)
-    store = RedisStore.from_url(redis_url, prefix=settings.redis_prefix)
+        log.info("started a private redis-server at %s (data in %s)", private.address, private.data_dir)
+    store = RedisStore.from_url(redis_url, prefix=settings.redis_prefix, limits=StoreLimits.from_settings(settings))
     engine = Engine.start(settings)
     worker_task: asyncio.Task[None] | None = None
     worker: UpdateWorker | None = None
     try:
         await store.ensure_group()
-        pool = AdapterPool(engine, store, settings.adapter_dir, settings.model_name)
+        pool = AdapterPool(engine, store, settings.adapter_dir, settings.model_name, settings.max_resident_adapters)
         limiter = RateLimiter(store.client, settings.redis_prefix, settings.rate_limit_rpm, settings.rate_limit_tpm)
         app.state.auth = Auth(app.state.auth.keys, limiter)
         chat_service = ChatService(engine, pool, store, settings, limiter)

@@ -1,24 +1,52 @@
-"""API keys → tenants, checked in constant time; per-tenant request and token rate limits."""
+"""API keys → callers (tenant and key), checked in constant time; per-key request and token rate limits."""
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import hmac
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from server.errors import Forbidden, RateLimited, Unauthorized
+import anyio
+from fastapi.exceptions import RequestValidationError
+
+from server.errors import Forbidden, RateLimited, TMEMHTTPError, Unauthorized
+from server.limits import is_loopback
 from server.settings import Settings, check_api_key
 
 log = logging.getLogger(__name__)
 OPEN_TENANT = "default"
-# A key configured as `*=<key>` is a service key (the standalone worker's): it acts for the tenant it
-# names in `X-TMEM-Tenant`, and for no tenant of its own.
+# A key configured as `*=<key>` is a service key (the standalone worker's): it acts for the configured
+# tenant it names in `X-TMEM-Tenant`, and for no tenant of its own.
 SERVICE_TENANT = "*"
-_TENANT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}$")
+# No ':' (Redis keys are `prefix:{tenant:sid}`, so `acme` + `eu:s1` must never equal `acme:eu` + `s1`) and no
+# glob characters (session listings SCAN with the tenant in the pattern).
+TENANT_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# What the worker needs from an API replica, and so all a service key may do: unrecorded chat completions.
+SERVICE_ROUTES = frozenset({("POST", "/v1/chat/completions")})
+
+
+class StartupRefused(RuntimeError):
+    """The configuration is unsafe to serve with; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: the tenant whose data is touched, and the key that pays (a digest, never the key)."""
+
+    tenant: str
+    key_id: str
+    service: bool = False
+
+
+OPEN_CALLER = Caller(OPEN_TENANT, "open")
 
 
 @dataclass(frozen=True)
@@ -29,20 +57,26 @@ class KeyRing:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KeyRing:
+        """The keys of --api-keys and --api-keys-file; a bad tenant name refuses to start (ValueError)."""
         lines = list(settings.api_keys)
         if settings.api_keys_file is not None:
             text = Path(settings.api_keys_file).read_text()
             lines += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-        return cls(tuple(_entry(line) for line in lines))
+        return cls(tuple(_entry(line, number) for number, line in enumerate(lines, start=1)))
 
     @property
     def enabled(self) -> bool:
         return bool(self.entries)
 
-    def tenant_for(self, authorization: str | None, acting_for: str | None = None) -> str:
-        """The tenant of a `Bearer <key>` header (a service key's named tenant); 401 for a missing or unknown key."""
+    @property
+    def tenants(self) -> frozenset[str]:
+        """The configured tenants: the only names a service key may act for."""
+        return frozenset(tenant for tenant, _ in self.entries if tenant != SERVICE_TENANT)
+
+    def caller(self, authorization: str | None, acting_for: str | None = None) -> Caller:
+        """The caller of a `Bearer <key>` header (a service key's named tenant); 401 for a missing or unknown key."""
         if not self.enabled:
-            return OPEN_TENANT
+            return OPEN_CALLER
         scheme, _, presented = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
             raise Unauthorized("Missing API key: send `Authorization: Bearer <key>`.")
@@ -53,74 +87,172 @@ class KeyRing:
                 found = tenant
         if found is None:
             raise Unauthorized("Incorrect API key provided.")
+        key_id = hashlib.sha256(candidate).hexdigest()[:16]
         if found == SERVICE_TENANT:
-            if not acting_for or not _TENANT_RE.fullmatch(acting_for):
-                raise Forbidden("a service key must name its tenant in X-TMEM-Tenant", param="X-TMEM-Tenant")
-            return acting_for
+            if not acting_for or acting_for not in self.tenants:
+                raise Forbidden("a service key must name a configured tenant in X-TMEM-Tenant", param="X-TMEM-Tenant")
+            return Caller(acting_for, key_id, service=True)
         if acting_for and acting_for != found:
             raise Forbidden("only a service key may act for another tenant", param="X-TMEM-Tenant")
-        return found
+        return Caller(found, key_id)
+
+    def tenant_for(self, authorization: str | None, acting_for: str | None = None) -> str:
+        return self.caller(authorization, acting_for).tenant
 
 
-def _entry(line: str) -> tuple[str, bytes]:
+def _entry(line: str, number: int) -> tuple[str, bytes]:
     tenant, sep, key = line.partition("=")
     if not sep:
         key = tenant
         # A bare key's tenant is a digest of it: stable across restarts, never the key itself.
         tenant = "t-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    tenant = tenant.strip()
+    if tenant != SERVICE_TENANT and not TENANT_RE.fullmatch(tenant):
+        # The entry's number, not its text: a malformed line may hold a key.
+        raise ValueError(f"API key entry {number}: a tenant name must be 1-64 letters, digits, '_' or '-' "
+                         "(`tenant=key`), or `*` for a service key")
     check_api_key(key)
-    return tenant.strip(), key.strip().encode()
+    return tenant, key.strip().encode()
+
+
+def service_may(method: str, route: str, record: bool) -> bool:
+    """A service key may only generate without recording a turn, as the worker's extraction does."""
+    return (method, route) in SERVICE_ROUTES and not record
+
+
+def refuse_open_exposure(settings: Settings, keys: KeyRing) -> None:
+    """No keys on a reachable address makes every session id the only secret: refuse unless asked for."""
+    if keys.enabled or settings.allow_unauthenticated or is_loopback(settings.host):
+        return
+    raise StartupRefused(
+        f"refusing to serve on {settings.host} without API keys: anyone who can reach it could read every "
+        "session. Configure keys (--api-keys / --api-keys-file / TMEM_API_KEYS), bind to 127.0.0.1, or pass "
+        "--allow-unauthenticated (TMEM_ALLOW_UNAUTHENTICATED=true) if the network in front is trusted.")
+
+
+@dataclass
+class Reservation:
+    """Tokens held for one chat request at admission; settled against what it used when it ends."""
+
+    key: str
+    held: int
+    used: int | None = None  # reported by the chat service when the reply was delivered
+
+
+# The reservation of the request being served: the chat service reports usage through
+# `RateLimiter.add_tokens(tenant, n)`, which has no request at hand. Set in the request's own task,
+# so a streaming response (a task started from it) sees it too.
+_ACTIVE: contextvars.ContextVar[Reservation | None] = contextvars.ContextVar("tmem_reservation", default=None)
+
+# One round trip each, so a connection lost half-way never leaves a counter without its expiry.
+_COUNT_REQUEST = """
+local n = redis.call('INCR', KEYS[1])
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return n
+"""
+_RESERVE = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local want, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+if used + want > limit then return 0 end
+redis.call('INCRBY', KEYS[1], want)
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+return 1
+"""
+# The difference goes to the window it was reserved in; a window already expired is not charged again.
+_SETTLE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('INCRBY', KEYS[1], ARGV[1]) end
+return 0
+"""
+_WINDOW_S, _KEEP_S = 60, 120
+
+
+def _refused_before_generation(exc: Exception) -> bool:
+    """A 4xx (bad body, limits, context length, unknown model) is answered before the engine runs."""
+    return isinstance(exc, RequestValidationError) or (isinstance(exc, TMEMHTTPError) and exc.status < 500)
 
 
 class RateLimiter:
-    """Fixed one-minute windows per tenant, counted in Redis so every replica shares them."""
+    """Fixed one-minute windows per API key, counted in Redis so every replica shares them.
 
-    def __init__(self, redis: object | None, prefix: str, rpm: int, tpm: int) -> None:
+    Requests are counted at admission; a chat request holds its max_tokens at admission (refused when
+    they do not fit the minute) and gives back what it did not use when it ends.
+    """
+
+    def __init__(self, redis: Any | None, prefix: str, rpm: int, tpm: int) -> None:
         self.redis, self.prefix, self.rpm, self.tpm = redis, prefix, rpm, tpm
+        if redis is not None:
+            self._count = redis.register_script(_COUNT_REQUEST)
+            self._reserve = redis.register_script(_RESERVE)
+            self._settle = redis.register_script(_SETTLE)
 
     @property
     def enabled(self) -> bool:
         return self.redis is not None and (self.rpm > 0 or self.tpm > 0)
 
-    def _key(self, kind: str, tenant: str) -> tuple[str, int]:
-        window = int(time.time() // 60)
-        return f"{self.prefix}:rl:{kind}:{{{tenant}}}:{window}", 60 - int(time.time() % 60)
+    def _key(self, kind: str, key_id: str) -> tuple[str, int]:
+        now = time.time()
+        return f"{self.prefix}:rl:{kind}:{{{key_id}}}:{int(now // _WINDOW_S)}", _WINDOW_S - int(now % _WINDOW_S)
 
-    async def admit(self, tenant: str) -> None:
-        """Count one request; 429 with Retry-After once the minute's requests or tokens are spent."""
-        if not self.enabled:
+    async def admit(self, caller: Caller) -> None:
+        """Count one request; 429 with Retry-After once the key's requests for this minute are spent."""
+        if not self.enabled or self.rpm <= 0 or caller.service:
             return
+        key, retry = self._key("req", caller.key_id)
         try:
-            await self._admit(tenant)
-        except RateLimited:
-            raise
+            count = int(await self._count(keys=[key], args=[_KEEP_S]))
         except Exception as exc:  # Redis away: fail open for rate limits, the store reports its own outage
             log.warning("rate limiter unavailable (%s); admitting", exc)
+            return
+        if count > self.rpm:
+            raise RateLimited(f"Rate limit reached: {self.rpm} requests per minute.", retry_after=retry,
+                              code="rate_limit_exceeded")
 
-    async def _admit(self, tenant: str) -> None:
-        redis = self.redis
-        assert redis is not None
-        if self.rpm > 0:
-            key, retry = self._key("req", tenant)
-            count = await redis.incr(key)  # type: ignore[attr-defined]
-            if count == 1:
-                await redis.expire(key, 120)  # type: ignore[attr-defined]
-            if count > self.rpm:
-                raise RateLimited(f"Rate limit reached: {self.rpm} requests per minute.", retry_after=retry,
-                                  code="rate_limit_exceeded")
-        if self.tpm > 0:
-            key, retry = self._key("tok", tenant)
-            used = int(await redis.get(key) or 0)  # type: ignore[attr-defined]
-            if used >= self.tpm:
-                raise RateLimited(f"Rate limit reached: {self.tpm} tokens per minute.", retry_after=retry,
-                                  code="tokens_limit_exceeded")
+    @asynccontextmanager
+    async def reservation(self, caller: Caller, tokens: int) -> AsyncIterator[None]:
+        """Hold `tokens` for the request inside (429 when the minute has no room); settle on the way out.
+
+        The worker's service key is not limited: its generations serve updates the tenants already paid for.
+        """
+        held = await self._hold(caller, tokens) if self.enabled and self.tpm > 0 and not caller.service else None
+        _ACTIVE.set(held)
+        refused = False
+        try:
+            yield
+        except Exception as exc:
+            refused = _refused_before_generation(exc)
+            raise
+        finally:
+            _ACTIVE.set(None)
+            if held is not None:
+                # A delivered reply reported its usage; a stream cut short (or failed mid-way) keeps what it held.
+                used = 0 if refused else (held.used if held.used is not None else held.held)
+                with anyio.CancelScope(shield=True):  # the client may be gone; the count must still settle
+                    await self._adjust(held, used - held.held)
+
+    async def _hold(self, caller: Caller, tokens: int) -> Reservation | None:
+        want = min(max(tokens, 1), self.tpm)  # a request larger than the whole minute waits for an empty one
+        key, retry = self._key("tok", caller.key_id)
+        try:
+            granted = int(await self._reserve(keys=[key], args=[want, self.tpm, _KEEP_S]))
+        except Exception as exc:
+            log.warning("rate limiter unavailable (%s); admitting", exc)
+            return None
+        if not granted:
+            raise RateLimited(f"Rate limit reached: {self.tpm} tokens per minute (this request may use {want}).",
+                              retry_after=retry, code="tokens_limit_exceeded")
+        return Reservation(key, want)
+
+    async def _adjust(self, held: Reservation, delta: int) -> None:
+        if delta == 0:
+            return
+        try:
+            await self._settle(keys=[held.key], args=[delta])
+        except Exception as exc:
+            log.warning("rate limiter unavailable (%s); tokens not settled", exc)
 
     async def add_tokens(self, tenant: str, tokens: int) -> None:
-        if not self.enabled or self.tpm <= 0 or tokens <= 0:
-            return
-        key, _ = self._key("tok", tenant)
-        try:
-            await self.redis.incrby(key, tokens)  # type: ignore[union-attr]
-            await self.redis.expire(key, 120)  # type: ignore[union-attr]
-        except Exception as exc:
-            log.warning("rate limiter unavailable (%s); tokens not counted", exc)
+        """The chat service's report of a delivered reply's prompt + completion tokens."""
+        del tenant  # the reservation knows the key that pays
+        held = _ACTIVE.get()
+        if held is not None and tokens > 0:
+            held.used = (held.used or 0) + tokens

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 from server.settings import DEMO_MODEL_DIR, Settings
 
@@ -42,24 +43,29 @@ def _literal_choices(annotation: Any) -> list[str] | None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Flags win over the environment; both go through pydantic-settings' own string parsing."""
-    for name in Settings.model_fields:
-        value = getattr(args, name, None)
-        if value is not None:
-            os.environ[f"TMEM_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
-    return Settings()
+    """Flags win over the environment (read by pydantic-settings for the fields no flag set).
+
+    Never through os.environ: child processes (redis-server, vLLM's engine core) would inherit --api-keys.
+    Raises pydantic's ValidationError, which names fields but never echoes their values.
+    """
+    overrides = {name: value for name in Settings.model_fields if (value := getattr(args, name, None)) is not None}
+    return Settings(**overrides)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.auth import StartupRefused
 
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+        app = create_app(settings)
+    except (ValidationError, StartupRefused) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     _ensure_model(settings.model)
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10
-    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10)
     return 0
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Path, Request
 
-from server.auth import KeyRing, RateLimiter
+from server.auth import Caller, KeyRing, RateLimiter, service_may
 from server.chat import ChatService, TurnContext
-from server.errors import InvalidRequest, ServiceUnavailable
+from server.errors import Forbidden, InvalidRequest, ServiceUnavailable
+from server.limits import completion_budget
 from server.pool import AdapterPool
 from server.settings import Settings
 from server.store import RedisStore
@@ -51,17 +53,32 @@ def get_services(request: Request) -> Services:
     return services
 
 
-async def get_tenant(request: Request, authorization: Annotated[str | None, Header()] = None,
-                     x_tmem_tenant: Annotated[str | None, Header()] = None) -> str:
-    """The caller's tenant from its API key (401 otherwise), counted against its rate limit (429)."""
-    cached: str | None = getattr(request.state, "tenant", None)
+async def get_caller(request: Request, authorization: Annotated[str | None, Header()] = None,
+                     x_tmem_tenant: Annotated[str | None, Header()] = None,
+                     x_tmem_record: Annotated[str | None, Header()] = None) -> Caller:
+    """The caller from its API key (401 otherwise), counted against its key's rate limit (429)."""
+    cached: Caller | None = getattr(request.state, "caller", None)
     if cached is not None:
         return cached
     auth: Auth = request.app.state.auth
-    tenant = auth.keys.tenant_for(authorization, x_tmem_tenant)
-    await auth.limiter.admit(tenant)
-    request.state.tenant = tenant
-    return tenant
+    caller = auth.keys.caller(authorization, x_tmem_tenant)
+    route = getattr(request.scope.get("route"), "path", "")
+    if caller.service and not service_may(request.method, route, _recording(x_tmem_record)):
+        raise Forbidden("a service key may only request unrecorded chat completions (X-TMEM-Record: false)",
+                        code="service_key_scope")
+    await auth.limiter.admit(caller)
+    request.state.caller = caller
+    return caller
+
+
+async def get_tenant(caller: Annotated[Caller, Depends(get_caller)]) -> str:
+    """The tenant whose sessions the request may touch."""
+    return caller.tenant
+
+
+def _recording(value: str | None) -> bool:
+    """X-TMEM-Record: anything but false/0/no records the turn (the default)."""
+    return (value or "true").strip().lower() not in ("false", "0", "no")
 
 
 def path_session_id(session_id: Annotated[str, Path()]) -> str:
@@ -72,16 +89,34 @@ def header_session_id(x_session_id: Annotated[str | None, Header()] = None) -> s
     return None if x_session_id is None else validate_session_id(x_session_id)
 
 
-def turn_context(
+async def turn_context(
     request: Request,
-    tenant: Annotated[str, Depends(get_tenant)],
+    services: Annotated[Services, Depends(get_services)],
+    caller: Annotated[Caller, Depends(get_caller)],
     session_id: Annotated[str | None, Depends(header_session_id)],
     x_tmem_record: Annotated[str | None, Header()] = None,
     x_tmem_adapter: Annotated[str | None, Header()] = None,
     x_tmem_context: Annotated[str | None, Header()] = None,
     idempotency_key: Annotated[str | None, Header()] = None,
-) -> TurnContext:
-    record = (x_tmem_record or "true").strip().lower() not in ("false", "0", "no")
+) -> AsyncIterator[TurnContext]:
+    """The turn's context, with the caller's max_tokens held against its token limit until the reply ends."""
+    ctx = _turn(request, caller.tenant, session_id, _recording(x_tmem_record), x_tmem_adapter, x_tmem_context,
+                idempotency_key)
+    auth: Auth = request.app.state.auth
+    async with auth.limiter.reservation(caller, completion_budget(await _json_body(request), services.settings)):
+        yield ctx
+
+
+async def _json_body(request: Request) -> object:
+    """The body FastAPI has already parsed (Starlette caches it); a second validation would double its errors."""
+    try:
+        return await request.json() if await request.body() else None
+    except ValueError:
+        return None  # not JSON: the route's own validation answers with the 400
+
+
+def _turn(request: Request, tenant: str, session_id: str | None, record: bool, x_tmem_adapter: str | None,
+          x_tmem_context: str | None, idempotency_key: str | None) -> TurnContext:
     use_adapter = (x_tmem_adapter or "on").strip().lower() not in ("off", "false", "0", "no")
     use_context = _context_header(x_tmem_context)
     request_id = getattr(request.state, "request_id", None)

@@ -47,7 +47,8 @@ def _default_adapter_dir() -> Path:
 class Settings(BaseSettings):
     """TMEM server settings. Every field is `TMEM_<NAME>` in the environment and a `--flag` on the CLI."""
 
-    model_config = SettingsConfigDict(env_prefix="TMEM_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a validation error names the field, never the value (keys, passwords).
+    model_config = SettingsConfigDict(env_prefix="TMEM_", env_file=".env", extra="ignore", hide_input_in_errors=True)
 
     # Model and engine
     model: str = Field(DEMO_MODEL_DIR, description="local directory or Hugging Face model id")
@@ -65,9 +66,9 @@ class Settings(BaseSettings):
     enforce_eager: bool = True
 
     # Redis
-    redis_url: str | None = Field(None, description="without it, a private redis-server is started")
+    redis_url: str | None = Field(None, repr=False, description="without it, a private redis-server is started")
     redis_prefix: str = "tmem"
-    redis_data_dir: Path | None = None
+    redis_data_dir: Path | None = Field(None, description="the private redis-server's data (default .cache/redis)")
 
     # Sessions, context and updates
     context_tokens: int = Field(4096, ge=64, description="token budget of the working context (prompt)")
@@ -120,7 +121,7 @@ class Settings(BaseSettings):
 
     # Keys, tenants and rate limits
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
-        (), description="comma-separated API keys, each `key` or `tenant=key`; each key is a tenant")
+        (), repr=False, description="comma-separated API keys, each `key` or `tenant=key`; each key is a tenant")
     api_keys_file: Path | None = Field(None, description="a file of keys, one `key` or `tenant=key` per line")
     require_auth: bool = Field(False, description="refuse to start without API keys")
     worker_key: SecretStr | None = Field(
@@ -134,10 +135,13 @@ class Settings(BaseSettings):
     max_sessions_per_tenant: int = Field(10_000, ge=1)
     max_completion_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_messages_per_request: int = 256
+    allow_unauthenticated: bool = Field(False, description="serve without API keys on a non-loopback host")
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Host headers served (`*.example.com` allowed); default: loopback names on loopback, else any")
     max_message_chars: int = 32_000
     max_pairs_per_teach: int = 256
 
-    @field_validator("target_modules", mode="before")
+    @field_validator("target_modules", "allowed_hosts", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:
         return _comma_or_json_list(value)
