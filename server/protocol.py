@@ -20,6 +20,12 @@ from vllm.sampling_params import SamplingParams, StructuredOutputsParams
 from server.errors import UNSUPPORTED_PARAMETER, UNSUPPORTED_VALUE, ContextLengthExceeded, InvalidRequest
 
 SSE_DONE = "data: [DONE]\n\n"
+# Input bounds that keep one request from costing the engine more than its tokens: each stop string
+# is searched for after every generated token, and a JSON schema is compiled into a grammar per request.
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256
+MAX_SCHEMA_BYTES = 32_768
+MAX_SCHEMA_DEPTH = 32  # nested JSON objects/arrays: about 10 levels of nested object properties
 # Messages of unsupported-field errors; errors.py takes ``param`` from their ``field``.
 _NOT_SUPPORTED = "'{field}' is not supported by this server."
 _ONLY_VALUE = "Only {field}={value} is supported by this server."
@@ -113,6 +119,30 @@ class JsonSchemaSpec(_RequestModel):
     json_schema: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None
 
+    @field_validator("json_schema")
+    @classmethod
+    def _bounded(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        depth = _json_depth(schema)  # first: json.dumps of a very deep value would recurse too far
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"the schema nests {depth} levels deep; at most {MAX_SCHEMA_DEPTH} are allowed")
+        size = len(json.dumps(schema, separators=(",", ":")).encode())
+        if size > MAX_SCHEMA_BYTES:
+            raise ValueError(f"the schema is {size} bytes of JSON; at most {MAX_SCHEMA_BYTES} are allowed")
+        return schema
+
+
+def _json_depth(value: Any) -> int:
+    """How deeply objects and arrays nest in a decoded JSON value (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
 
 class ResponseFormat(_RequestModel):
     """Constrain the reply to free text, any JSON object, or one JSON schema."""
@@ -140,7 +170,7 @@ class ChatCompletionRequest(_RequestModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     # vLLM's extension (its own OpenAI server accepts it too): no end-of-sequence before this many tokens.
     min_tokens: int = Field(0, ge=0)
-    stop: list[str] | None = Field(None, max_length=4)
+    stop: list[str] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
@@ -161,6 +191,8 @@ class ChatCompletionRequest(_RequestModel):
         stop = [stop] if isinstance(stop, str) else stop
         if isinstance(stop, list) and any(s == "" for s in stop):
             raise ValueError("stop sequences must not be empty strings")
+        if isinstance(stop, list) and any(isinstance(s, str) and len(s) > MAX_STOP_CHARS for s in stop):
+            raise ValueError(f"each stop sequence may be at most {MAX_STOP_CHARS} characters")
         return stop
 
     @model_validator(mode="after")

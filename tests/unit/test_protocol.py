@@ -7,11 +7,16 @@ from typing import Any
 
 import openai.types.chat as oai
 import pytest
+from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from vllm.sampling_params import SamplingType
 
-from server.errors import ContextLengthExceeded
+from adapters.memory_prompts import ExtractionFormat
+from server.errors import ContextLengthExceeded, TMEMHTTPError, to_http_error
 from server.protocol import (
+    MAX_SCHEMA_DEPTH,
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
     SSE_DONE,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -352,3 +357,59 @@ def test_empty_stop_string_is_a_400_not_an_engine_error() -> None:
 
     with pytest.raises(ValidationError, match="empty"):
         ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], stop=["ok", ""])
+
+
+# --- input bounds (issue 12, item 14) ----------------------------------------------------------
+
+
+def http_error(**fields: Any) -> TMEMHTTPError:
+    """The error a client gets for a chat body with these fields, through the server's one mapper."""
+    with pytest.raises(ValidationError) as exc:
+        chat(**fields)
+    return to_http_error(RequestValidationError(exc.value.errors()))
+
+
+def nested_schema(levels: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"inner": schema}}
+    return schema
+
+
+def test_stop_strings_are_capped_in_count_and_length() -> None:
+    longest = "x" * MAX_STOP_CHARS
+    assert chat(stop=["END", longest]).to_sampling_params(16, 100, 10).stop == ["END", longest]
+    err = http_error(stop=["END", longest + "x"])
+    assert (err.status, err.type, err.param, err.code) == (400, "invalid_request_error", "stop", "invalid_value")
+    assert f"at most {MAX_STOP_CHARS} characters" in err.message
+    err = http_error(stop=[str(i) for i in range(MAX_STOP_SEQUENCES + 1)])
+    assert (err.status, err.param) == (400, "stop") and f"at most {MAX_STOP_SEQUENCES} items" in err.message
+
+
+def test_the_workers_extraction_schema_is_within_the_bounds() -> None:
+    schema = ExtractionFormat(max_pairs=32).schema()
+    req = chat(response_format={"type": "json_schema", "json_schema": {"name": "qa_pairs", "schema": schema}})
+    assert req.to_sampling_params(16, 100, 10).structured_outputs.json == schema  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("schema", "needle"),
+    [
+        (nested_schema(MAX_SCHEMA_DEPTH), "levels deep"),
+        ({"type": "object", "properties": {f"p{i:05d}": {"type": "string"} for i in range(2000)}}, "bytes of JSON"),
+        ({"enum": ["v" * 1000] * 40}, "bytes of JSON"),
+    ],
+    ids=["too-deep", "too-many-properties", "too-many-bytes"],
+)
+def test_an_oversized_json_schema_is_a_400_naming_the_schema(schema: dict[str, Any], needle: str) -> None:
+    err = http_error(response_format={"type": "json_schema", "json_schema": {"name": "big", "schema": schema}})
+    assert (err.status, err.type, err.code) == (400, "invalid_request_error", "invalid_value")
+    assert err.param == "response_format.json_schema.schema"
+    assert needle in err.message
+
+
+def test_a_schema_just_inside_the_depth_bound_is_accepted() -> None:
+    # Each nested object property adds two levels (the property map, then the property's schema).
+    levels = (MAX_SCHEMA_DEPTH - 1) // 2
+    fmt = {"type": "json_schema", "json_schema": {"name": "deep", "schema": nested_schema(levels)}}
+    assert chat(response_format=fmt).response_format is not None
