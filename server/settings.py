@@ -124,6 +124,9 @@ class Settings(BaseSettings):
         (), repr=False, description="comma-separated API keys, each `key` or `tenant=key`; each key is a tenant")
     api_keys_file: Path | None = Field(None, description="a file of keys, one `key` or `tenant=key` per line")
     require_auth: bool = Field(False, description="refuse to start without API keys")
+    allow_unauthenticated: bool = Field(False, description="serve without API keys on a non-loopback host")
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Host headers served (`*.example.com` allowed); default: loopback names on loopback, else any")
     worker_key: SecretStr | None = Field(
         None, description="tmem worker: the service key it sends (configured on the API as `*=<key>`)")
     worker_key_file: Path | None = Field(None, description="tmem worker: a file holding its service key")
@@ -135,9 +138,6 @@ class Settings(BaseSettings):
     max_sessions_per_tenant: int = Field(10_000, ge=1)
     max_completion_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_messages_per_request: int = 256
-    allow_unauthenticated: bool = Field(False, description="serve without API keys on a non-loopback host")
-    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
-        (), description="Host headers served (`*.example.com` allowed); default: loopback names on loopback, else any")
     max_message_chars: int = 32_000
     max_pairs_per_teach: int = 256
 
