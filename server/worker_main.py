@@ -10,11 +10,12 @@ import argparse
 import asyncio
 import logging
 import signal
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from server.settings import Settings
+from server.settings import Settings, check_api_key
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,22 @@ class HttpGenerator:
             # A replica whose engine lacks structured output: the tolerant parser copes with free text.
             body.pop("response_format")
             response = await self.client.post("/v1/chat/completions", json=body, headers=headers)
+        if response.status_code in (401, 403):
+            # Otherwise every update fails the same way with a bare status: say what to fix.
+            log.error("the API refused the worker (%d): give it the service key configured there as `*=<key>` "
+                      "(TMEM_WORKER_KEY or --worker-key-file)", response.status_code)
         response.raise_for_status()
         return str(response.json()["choices"][0]["message"]["content"] or "")
+
+    def serving_requests(self) -> int | None:
+        return None  # the engine is another process (or machine): the trainer keeps --worker-threads
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
 
 async def run_worker(settings: Settings, api_url: str, api_key: str | None, metrics_port: int | None = None) -> None:
-    from server.store import RedisStore
+    from server.store import RedisStore, StoreLimits
     from server.trainer_runtime import TrainerRuntime
     from server.worker import UpdateWorker
 
@@ -61,7 +69,8 @@ async def run_worker(settings: Settings, api_url: str, api_key: str | None, metr
 
         # Update lag, losses and queue depth live in this process: Prometheus scrapes it here.
         start_http_server(metrics_port, registry=METRICS.registry)
-    store = RedisStore.from_url(settings.redis_url, prefix=settings.redis_prefix)
+    store = RedisStore.from_url(settings.redis_url, prefix=settings.redis_prefix,
+                                limits=StoreLimits.from_settings(settings))
     runtime = await asyncio.to_thread(TrainerRuntime.load, settings)
     generator = HttpGenerator(api_url, api_key)
     worker = UpdateWorker(store, runtime, generator, settings)
@@ -76,17 +85,51 @@ async def run_worker(settings: Settings, api_url: str, api_key: str | None, metr
         await store.aclose()
 
 
+def worker_key(settings: Settings, flag_key: str | None = None) -> str | None:
+    """The service key the worker sends: --worker-key-file, else TMEM_WORKER_KEY, else --api-key; None if unset.
+
+    A file or the environment keeps the key out of `ps` and shell history, which a flag does not.
+    """
+    key = flag_key
+    if settings.worker_key_file is not None:
+        key = _read_key_file(Path(settings.worker_key_file))
+    elif settings.worker_key is not None:
+        key = settings.worker_key.get_secret_value()
+    elif flag_key:
+        log.warning("--api-key is visible to every local user (ps); prefer TMEM_WORKER_KEY or --worker-key-file")
+    key = (key or "").strip()
+    if not key:
+        return None
+    try:
+        check_api_key(key)
+    except ValueError as exc:  # the message names the rule, never the key
+        raise SystemExit(f"tmem worker: the worker key is refused: {exc}") from exc
+    return key
+
+
+def _read_key_file(path: Path) -> str:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SystemExit(f"tmem worker: cannot read the worker key file {path}: {exc.strerror}") from exc
+    if not text.strip():
+        raise SystemExit(f"tmem worker: the worker key file {path} is empty")
+    return text
+
+
 def register(sub: Any) -> None:
     from server.cli import add_settings_flags, settings_from_args
 
     parser: argparse.ArgumentParser = sub.add_parser("worker", help="run the update worker alone (scale-out)")
     add_settings_flags(parser)
     parser.add_argument("--api-url", required=True, help="an API replica used for extraction generation")
-    parser.add_argument("--api-key", default=None, help="key for the API replica, if it requires one")
+    parser.add_argument("--api-key", default=None,
+                        help="service key for the API replica (prefer TMEM_WORKER_KEY or --worker-key-file)")
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
 
     def cmd(args: argparse.Namespace) -> int:
-        asyncio.run(run_worker(settings_from_args(args), args.api_url, args.api_key, args.metrics_port))
+        settings = settings_from_args(args)
+        asyncio.run(run_worker(settings, args.api_url, worker_key(settings, args.api_key), args.metrics_port))
         return 0
 
     parser.set_defaults(func=cmd)
