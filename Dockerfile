@@ -15,7 +15,9 @@ FROM ${VLLM_IMAGE}
 # HF_HOME: model weights are downloaded there; compose and k8s mount a volume so they survive restarts.
 # TMEM_A0_CACHE_DIR: A0 (the frozen SVD half of every adapter) depends only on the base model, so it
 # is cached beside the weights and computed once per model, not once per container start.
+# VLLM_NO_USAGE_STATS: no usage report (and no file for it in a read-only container's home).
 ENV PYTHONUNBUFFERED=1 \
+    VLLM_NO_USAGE_STATS=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
     HF_HOME=/models \
@@ -45,6 +47,8 @@ RUN python3 -m pip install --no-cache-dir -c /etc/tmem-image-pins.txt ".[server]
 
 # An unprivileged user. /models is created here and owned by it, so an empty named volume mounted
 # there inherits that ownership (a host directory bind-mounted there must be chowned to 10001).
+# compose and k8s run the image read-only with no capabilities; what it writes goes to /models,
+# /dev/shm, /tmp and /home/tmem, which they mount writable.
 RUN useradd --create-home --uid 10001 --user-group tmem \
  && mkdir -p /models \
  && chown tmem:tmem /models

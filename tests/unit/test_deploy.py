@@ -70,12 +70,16 @@ def _compose_cli() -> list[str]:
 @pytest.fixture(scope="module")
 def compose(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The compose file as `docker compose config` resolves it, with .env copied from .env.example."""
+    return _resolve_compose(tmp_path_factory.mktemp("compose"), ENV_EXAMPLE.read_text())
+
+
+def _resolve_compose(project: Path, env_text: str) -> dict[str, Any]:
+    """`docker compose config` of this repository's compose file with `env_text` as its .env."""
     cli = _compose_cli()
-    project = tmp_path_factory.mktemp("compose")
     for name in ("docker-compose.yml", "Dockerfile"):
         shutil.copy(REPO / name, project / name)
     shutil.copytree(DEPLOY, project / "deploy")
-    shutil.copy(ENV_EXAMPLE, project / ".env")
+    (project / ".env").write_text(env_text)
     # The caller's shell must not steer the result (compose reads COMPOSE_* and interpolates from it).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "TMEM_", "GRAFANA_"))}
     result = subprocess.run(
@@ -335,8 +339,8 @@ def test_k8s_api_and_worker_take_a_gpu_and_the_settings() -> None:
     api, worker = _container(objects[("Deployment", "tmem-api")]), _container(objects[("Deployment", "tmem-worker")])
     for container in (api, worker):
         assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "1"
-        refs = {ref.get("configMapRef", ref.get("secretRef", {}))["name"] for ref in container["envFrom"]}
-        assert {"tmem-settings", "tmem-secrets"} <= refs
+    assert _env_from(api) == {"tmem-settings", "tmem-secrets"}
+    assert _env_from(worker) == {"tmem-settings"}, "the worker must not receive every tenant's key"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert api[probe]["httpGet"]["path"] == "/health"
     assert api["args"][0] == "serve" and _flag(api["args"], "--worker") == "off"
@@ -345,6 +349,10 @@ def test_k8s_api_and_worker_take_a_gpu_and_the_settings() -> None:
     settings = objects[("ConfigMap", "tmem-settings")]["data"]
     unknown = sorted(k for k in settings if _field(k) not in Settings.model_fields)
     assert not unknown and settings["TMEM_REDIS_URL"] == REDIS_URL
+
+
+def _env_from(container: dict[str, Any]) -> set[str]:
+    return {ref.get("configMapRef", ref.get("secretRef", {}))["name"] for ref in container.get("envFrom", [])}
 
 
 def test_k8s_secret_is_a_placeholder_and_not_applied() -> None:
@@ -386,7 +394,7 @@ def _dockerfile_base_image() -> str:
 
 def test_dockerfile_builds_on_a_pinned_vllm_image_and_runs_tmem() -> None:
     base = _dockerfile_base_image()
-    assert base.startswith("vllm/vllm-openai:v"), base
+    assert base.startswith("vllm/vllm-openai:v") and _pinned(base), base
     assert json.loads(_instructions("ENTRYPOINT")[-1]) == ["tmem"]
     assert json.loads(_instructions("CMD")[-1]) == ["serve", "--host", "0.0.0.0"]
     user = _instructions("USER")[-1]
@@ -441,3 +449,135 @@ def test_deployment_docs_cover_every_service_and_label_k8s_untested(compose: dic
     assert not missing, f"docs/deployment.md does not describe: {missing}"
     assert "untested on a cluster" in docs.lower()
     assert "TMEM_GPU_MEMORY_UTILIZATION" in docs
+
+
+# --- the worker's service key (issue 12, item 6) --------------------------------------------------
+
+WORKER_KEY = "wk-5c0ffee5c0ffee5c0ffee5c0ffee"
+TENANT_KEY = "ta-0123456789abcdef0123456789"
+
+
+def _settings_in(service: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings as the service's process builds them: from its resolved environment only."""
+    for name in list(os.environ):
+        if name.startswith("TMEM_"):
+            monkeypatch.delenv(name)
+    for name, value in _environment(service).items():
+        monkeypatch.setenv(name, value)
+    return Settings(_env_file=None)
+
+
+def test_compose_gives_the_worker_the_service_key_the_api_accepts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.auth import KeyRing
+    from server.worker_main import worker_key
+
+    env = ENV_EXAMPLE.read_text() + f"TMEM_API_KEYS=team-a={TENANT_KEY},*={WORKER_KEY}\nTMEM_WORKER_KEY={WORKER_KEY}\n"
+    config = _resolve_compose(tmp_path, env)
+    key = worker_key(_settings_in(_service(config, "worker"), monkeypatch))
+    assert key == WORKER_KEY
+    api = KeyRing.from_settings(_settings_in(_service(config, "api"), monkeypatch))
+    assert api.tenant_for(f"Bearer {key}", acting_for="team-a") == "team-a"
+
+
+def test_compose_worker_without_a_key_runs_against_an_open_api(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.worker_main import worker_key
+
+    assert worker_key(_settings_in(_service(compose, "worker"), monkeypatch)) is None
+
+
+def test_env_example_documents_the_worker_key_beside_its_service_entry() -> None:
+    names = _env_example(commented=True)
+    assert "*=" in names["TMEM_API_KEYS"], "the example keys must show the worker's `*=<key>` entry"
+    service_key = names["TMEM_API_KEYS"].split("*=", 1)[1].split(",")[0]
+    assert names["TMEM_WORKER_KEY"] == service_key
+
+
+def test_k8s_worker_takes_only_its_key_and_token_from_the_secret() -> None:
+    objects = _k8s_objects()
+    worker = _container(objects[("Deployment", "tmem-worker")])
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in worker["env"] if "valueFrom" in e}
+    assert refs["TMEM_WORKER_KEY"] == {"name": "tmem-secrets", "key": "TMEM_WORKER_KEY", "optional": True}
+    assert refs["HF_TOKEN"]["name"] == "tmem-secrets"
+    assert "TMEM_API_KEYS" not in refs
+    secret = objects[("Secret", "tmem-secrets")]["stringData"]
+    assert {"TMEM_API_KEYS", "TMEM_WORKER_KEY", "HF_TOKEN"} <= set(secret)
+
+
+# --- least privilege and pinned images (issue 12, item 16) ----------------------------------------
+
+
+def _pinned(image: str) -> bool:
+    """A digest, or a tag naming a release to its minor version at least (`7.4.2-alpine`, not `7-alpine`)."""
+    if "@sha256:" in image:
+        return True
+    last = image.rsplit("/", 1)[-1]
+    tag = last.partition(":")[2]
+    return re.match(r"v?\d+\.\d+", tag) is not None
+
+
+@pytest.mark.parametrize(("image", "pinned"), [
+    ("redis:7.4.2-alpine", True), ("redis:7-alpine", False), ("redis", False), ("redis:latest", False),
+    ("localhost:5000/tmem", False), ("prom/prometheus:v3.5.0", True), ("redis:alpine", False),
+    ("vllm/vllm-openai:v0.32.0", True), ("redis@sha256:" + "0" * 64, True),
+])
+def test_the_pin_rule(image: str, pinned: bool) -> None:
+    assert _pinned(image) is pinned
+
+
+def test_compose_services_drop_privileges_and_write_only_their_mounts(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        assert service.get("cap_drop") == ["ALL"], name
+        assert service.get("read_only") is True, name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        # A locally built image is as pinned as its base, which the Dockerfile test checks.
+        image = service["build"]["args"]["VLLM_IMAGE"] if "build" in service else service["image"]
+        assert _pinned(image), (name, image)
+    redis_user = str(_service(compose, "redis").get("user", ""))
+    assert redis_user and redis_user.split(":")[0] not in ("0", "root"), "no capabilities: Redis cannot step down"
+    for name in ("api", "worker"):
+        scratch = {entry.split(":")[0] for entry in _service(compose, name)["tmpfs"]}
+        assert {"/tmp", "/home/tmem"} <= scratch, name
+        assert _service(compose, name)["shm_size"], "adapter directories live in /dev/shm"
+
+
+def _pods() -> dict[str, dict[str, Any]]:
+    return {name: obj["spec"]["template"]["spec"] for (kind, name), obj in _k8s_objects().items()
+            if kind in ("Deployment", "StatefulSet")}
+
+
+def test_k8s_pods_run_non_root_read_only_and_without_capabilities() -> None:
+    pods = _pods()
+    assert set(pods) == {"redis", "tmem-api", "tmem-worker"}
+    for name, pod in pods.items():
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["runAsUser"] != 0, name
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True, name
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["capabilities"]["drop"] == ["ALL"], name
+
+
+@pytest.mark.parametrize("name", ["tmem-api", "tmem-worker"])
+def test_k8s_gpu_pods_mount_every_path_they_write(name: str) -> None:
+    pod = _pods()[name]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    assert {"/models", "/dev/shm", "/tmp", "/home/tmem"} <= set(mounts)
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    for path in ("/tmp", "/home/tmem"):
+        assert "emptyDir" in volumes[mounts[path]], path
+
+
+def test_k8s_images_are_pinned() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    overrides = {i["name"]: f"{i.get('newName', i['name'])}:{i['newTag']}" for i in kustomization.get("images", [])}
+    for name, pod in _pods().items():
+        for container in pod["containers"]:
+            image = overrides.get(container["image"], container["image"])
+            assert _pinned(image), (name, image)
