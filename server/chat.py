@@ -2,30 +2,53 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
 from server.auth import RateLimiter
 from server.engine import Engine
-from server.errors import Forbidden, InvalidRequest, NotFound
+from server.errors import Forbidden, InvalidRequest, NotFound, ServiceUnavailable
 from server.limits import check_max_tokens, check_messages
 from server.metrics import METRICS
 from server.pool import AdapterPool
-from server.prompting import fit_turns, new_suffix, session_system
+from server.prompting import (
+    StoredMessage,
+    TailFit,
+    has_token_count,
+    new_suffix,
+    render_fitting,
+    session_system,
+    system_tokens,
+    with_token_counts,
+)
 from server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
 )
 from server.settings import Settings
-from server.store import RedisStore, SessionState
+from server.store import AppendResult, RedisStore, SessionState, request_fingerprint
 
 Message = dict[str, str]
+# Whether the client is still connected; asked before a delivered turn is stored.
+ConnectionCheck = Callable[[], Awaitable[bool]]
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+_HISTORY_TURNS = 400  # the most stored messages one prompt is built from
+_FIRST_PAGE = 32  # stored messages read in the first round trip; each later page doubles
+# vLLM's finish reasons of a complete reply; "abort" and "error" mean the reply was cut off.
+_DELIVERED_FINISH = ("stop", "length")
+
+
+async def _always_connected() -> bool:
+    return True
 
 
 @dataclass
@@ -36,6 +59,7 @@ class TurnContext:
     session_id: str | None
     record: bool = True
     idempotency_key: str | None = None
+    request_sha256: str = ""  # the request body's fingerprint, bound to idempotency_key when the turn is stored
     use_adapter: bool = True  # False (header X-TMEM-Adapter: off): base model + summary, for ablations
     use_context: bool = True  # False (header X-TMEM-Context: none): adapter only, no stored turns or summary
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -46,8 +70,50 @@ class Prepared:
     prompt_ids: list[int]
     params: Any
     version: int
-    new_messages: list[Message]
+    new_messages: list[StoredMessage]  # with their `tokens` counts, as they will be stored
     model: str
+
+
+@dataclass
+class _History:
+    """Stored messages [start, end) of one session, read newest first in growing pages, each decoded once.
+
+    `older()` hands out what is loaded but not yet walked, else the next older page, so a walk that
+    stops early (the context budget is full) never reads or decodes the rest.
+    """
+
+    store: RedisStore | None = None
+    tenant: str = ""
+    sid: str = ""
+    start: int = 0
+    end: int = 0
+    loaded: list[StoredMessage] = field(default_factory=list)  # the newest len(loaded) messages
+    walked: int = 0  # of `loaded`, the newest this many were handed out by older()
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    async def all(self) -> list[StoredMessage]:
+        while await self._read_page():
+            pass
+        return self.loaded
+
+    async def older(self) -> list[StoredMessage]:
+        if self.walked == len(self.loaded) and not await self._read_page():
+            return []
+        page = self.loaded[: len(self.loaded) - self.walked]
+        self.walked = len(self.loaded)
+        return page
+
+    async def _read_page(self) -> bool:
+        top = self.end - len(self.loaded)
+        low = max(self.start, top - max(_FIRST_PAGE, len(self.loaded)))
+        if self.store is None or low >= top:
+            return False
+        page = await self.store.get_turns(self.tenant, self.sid, low, top - 1)
+        self.loaded[:0] = page
+        return bool(page)
 
 
 class ChatService:
@@ -77,6 +143,7 @@ class ChatService:
 
     async def prepare(self, req: ChatCompletionRequest, ctx: TurnContext) -> Prepared:
         model = self.check_model(req.model)
+        ctx.request_sha256 = request_fingerprint(req.model_dump(mode="json"))
         sent = [{"role": m.role, "content": m.text} for m in req.messages]
         check_messages(sent, self.settings)
         check_max_tokens(req.max_tokens, self.settings)
@@ -86,22 +153,47 @@ class ChatService:
         dialogue = [m for m in sent if m["role"] != "system"]
         if not dialogue:
             raise InvalidRequest("messages must contain at least one user or assistant message", param="messages")
-        version, summary, history = 0, "", []
+        version, summary, history = 0, "", _History()
         if ctx.session_id is not None and self.store is not None:
             state = await self.open_session(ctx.tenant, ctx.session_id)
             version = state.adapter_version if ctx.use_adapter else 0
             if ctx.use_context:
                 summary = state.summary
                 start = state.absorbed_turns if self.settings.update_policy == "context-budget" else 0
-                history = await self.store.get_turns(ctx.tenant, ctx.session_id, max(start, state.turns - 400))
-        new_messages = new_suffix(history, dialogue) if history else dialogue
-        budget = self.settings.context_tokens
-        tokenizer = self.engine.tokenizer
-        prompt_ids, _ = fit_turns(tokenizer, session_system(tokenizer, system, summary), history + new_messages, budget)
+                history = _History(self.store, ctx.tenant, ctx.session_id,
+                                   max(start, state.turns - _HISTORY_TURNS), state.turns)
+        new_messages = await self._counted(await _new_messages(history, dialogue))
+        prompt_ids = await self._fit(session_system(self.engine.tokenizer, system, summary), history, new_messages)
         params = req.to_sampling_params(self.settings.default_max_tokens, self.engine.max_model_len, len(prompt_ids))
         return Prepared(prompt_ids, params, version, new_messages, model)
 
-    async def complete(self, req: ChatCompletionRequest, ctx: TurnContext) -> tuple[ChatCompletionResponse, int]:
+    async def _fit(self, system: str | None, history: _History, new_messages: list[StoredMessage]) -> list[int]:
+        """The prompt: the system text and the newest turns that fit the context budget.
+
+        Stored turns are read newest first, a page at a time, only until the budget is full; their
+        stored token counts price them, so a long session costs this request no more than what fits.
+        """
+        tokenizer, budget = self.engine.tokenizer, self.settings.context_tokens
+        fit = TailFit(await asyncio.to_thread(system_tokens, tokenizer, system), budget)
+        turns = list(new_messages)
+        fits = fit.take(reversed(turns))
+        while fits and (page := await history.older()):
+            page = await self._counted(page)
+            turns[:0] = page
+            fits = fit.take(reversed(page))
+        kept = turns[len(turns) - fit.kept :]
+        ids, _ = await asyncio.to_thread(render_fitting, tokenizer, system, kept, budget)
+        return ids
+
+    async def _counted(self, messages: list[StoredMessage]) -> list[StoredMessage]:
+        """Messages with their token counts: stored ones carry theirs; the rest are counted off the event loop."""
+        if all(has_token_count(m) for m in messages):
+            return messages
+        return await asyncio.to_thread(with_token_counts, self.engine.tokenizer, messages)
+
+    async def complete(self, req: ChatCompletionRequest, ctx: TurnContext,
+                       connected: ConnectionCheck = _always_connected) -> tuple[ChatCompletionResponse, int]:
+        """Generate the whole reply; store the turn unless the reply was cut off or the client has left."""
         prep = await self.prepare(req, ctx)
         started = time.perf_counter()
         final = None
@@ -112,33 +204,38 @@ class ChatService:
                 final = output
         assert final is not None
         completion = final.outputs[0]
+        _check_complete(completion.finish_reason)
         text, n_out = completion.text, len(completion.token_ids)
-        await self.finish_turn(ctx, prep.new_messages, text)
+        if await connected():
+            await self.finish_turn(ctx, prep.new_messages, text)
+        else:
+            log.info("request %s: the client left before its reply was sent; turn not stored", ctx.request_id)
         await self._count(ctx, len(prep.prompt_ids), n_out)
         response = ChatCompletionResponse.build(
             request_id=ctx.request_id,
             model=prep.model,
             text=text,
-            finish_reason=_finish(completion.finish_reason),
+            finish_reason=completion.finish_reason,
             prompt_tokens=len(prep.prompt_ids),
             completion_tokens=n_out,
         )
         return response, served
 
     async def stream(
-        self, req: ChatCompletionRequest, ctx: TurnContext
+        self, req: ChatCompletionRequest, ctx: TurnContext, connected: ConnectionCheck = _always_connected
     ) -> tuple[AsyncGenerator[ChatCompletionChunk, None], int]:
         """Prepare eagerly (so errors become HTTP errors), then return the chunk iterator and the version."""
         prep = await self.prepare(req, ctx)
         holder = self._adapter(ctx, prep.version)
         served, lora = await holder.__aenter__()
-        return self._chunks(req, ctx, prep, holder, lora), served
+        return self._chunks(req, ctx, prep, holder, lora, connected), served
 
     async def _chunks(
-        self, req: ChatCompletionRequest, ctx: TurnContext, prep: Prepared, holder: Any, lora: Any
+        self, req: ChatCompletionRequest, ctx: TurnContext, prep: Prepared, holder: Any, lora: Any,
+        connected: ConnectionCheck,
     ) -> AsyncGenerator[ChatCompletionChunk, None]:
-        started, sent_len, finish, n_out = time.perf_counter(), 0, None, 0
-        completed = False
+        started, sent_len, n_out, completion = time.perf_counter(), 0, 0, None
+        finished = False  # the engine is done with the request: nothing left to abort
         try:
             yield ChatCompletionChunk.build(ctx.request_id, prep.model, role="assistant")
             async for output in self.engine.generate(prep.prompt_ids, prep.params, ctx.request_id, lora):
@@ -146,20 +243,31 @@ class ChatService:
                 if sent_len == 0:
                     METRICS.ttft.observe(time.perf_counter() - started)
                 delta, sent_len = completion.text[sent_len:], len(completion.text)
-                n_out, finish = len(completion.token_ids), completion.finish_reason
+                n_out = len(completion.token_ids)
                 if delta:
                     yield ChatCompletionChunk.build(ctx.request_id, prep.model, content=delta)
-            yield ChatCompletionChunk.build(ctx.request_id, prep.model, finish_reason=_finish(finish))
-            completed = True
+            finished = True
+            assert completion is not None
+            log.debug("request %s: final output (%s) at +%.3fs", ctx.request_id, completion.finish_reason,
+                      time.perf_counter() - started)
+            _check_complete(completion.finish_reason)
+            yield ChatCompletionChunk.build(ctx.request_id, prep.model, finish_reason=completion.finish_reason)
             if req.stream_usage:
                 yield ChatCompletionChunk.usage_only(ctx.request_id, prep.model, len(prep.prompt_ids), n_out)
+            # Resumed only once the server has written the events above; a client that went away while
+            # they were generated or written is seen here, and a reply it never got is not a turn.
+            if not await connected():
+                log.info("request %s: the client left before the end of its reply (+%.3fs); turn not stored",
+                         ctx.request_id, time.perf_counter() - started)
+                return
             await self.finish_turn(ctx, prep.new_messages, completion.text)
+            log.debug("request %s: turn stored at +%.3fs", ctx.request_id, time.perf_counter() - started)
             await self._count(ctx, len(prep.prompt_ids), n_out)
         finally:
             # Shielded: on a disconnect Starlette cancels this task, and an unshielded await here would be
             # cancelled too, leaving the engine generating and the adapter pinned forever.
             with anyio.CancelScope(shield=True):
-                if not completed:
+                if not finished:
                     # The reply was never delivered: the turn is not stored and the engine stops on it.
                     await self.engine.abort(ctx.request_id)
                 await holder.__aexit__(None, None, None)
@@ -169,33 +277,93 @@ class ChatService:
             return _NoAdapter()
         return self.pool.use(ctx.tenant, ctx.session_id, version)
 
-    async def finish_turn(self, ctx: TurnContext, new_messages: list[Message], reply: str) -> None:
-        """Store the delivered turn once, then queue the session's update per the policy."""
+    async def finish_turn(self, ctx: TurnContext, new_messages: list[StoredMessage], reply: str) -> None:
+        """Store the delivered turn once and queue its update: one step that a cancellation cannot split."""
         if ctx.session_id is None or not ctx.record or self.store is None:
             return
         turn = [*new_messages, {"role": "assistant", "content": reply}]
-        result = await self.store.append_turns(ctx.tenant, ctx.session_id, turn, idempotency_key=ctx.idempotency_key)
-        if not result.duplicate:
-            await self.maybe_enqueue(ctx.tenant, ctx.session_id, reason="turn")
+        await _shielded(self.record(ctx.tenant, ctx.session_id, turn, ctx.idempotency_key, ctx.request_sha256,
+                                    reason="turn"))
+
+    async def record(self, tenant: str, sid: str, messages: list[StoredMessage], idempotency_key: str | None,
+                     request_sha256: str, reason: str) -> AppendResult:
+        """Store messages with their token counts; when the policy wants an update, it is queued in the same
+        atomic step."""
+        assert self.store is not None
+        messages = await self._counted(messages)
+        adding = sum(int(m["tokens"]) for m in messages)
+        enqueue = reason if await self._wants_update(tenant, sid, adding) else None
+        return await self.store.append_turns(tenant, sid, messages, idempotency_key, request_sha256=request_sha256,
+                                             enqueue=enqueue)
 
     async def maybe_enqueue(self, tenant: str, sid: str, reason: str) -> bool:
-        """every-turn: always; context-budget: once the unabsorbed text passes --context-tokens."""
+        """Queue the session's update if the policy wants one now (see _wants_update)."""
         assert self.store is not None
-        if self.settings.update_policy == "context-budget":
-            state = await self.store.get_session(tenant, sid)
-            if state is None:
-                return False
-            pending = await self.store.get_turns(tenant, sid, state.absorbed_turns)
-            tokens = sum(len(self.engine.tokenizer.encode(m["content"], add_special_tokens=False)) for m in pending)
-            if tokens < self.settings.context_tokens and state.teach_pending == 0:
-                return False
+        if not await self._wants_update(tenant, sid, adding=0):
+            return False
         return await self.store.enqueue_update(tenant, sid, reason=reason)
+
+    async def _wants_update(self, tenant: str, sid: str, adding: int) -> bool:
+        """every-turn: always; context-budget: once the unabsorbed text, with `adding` tokens more, reaches
+        --context-tokens, or teach pairs wait.
+
+        Counts come from the stored turns' `tokens`, read newest first only until the budget is reached.
+        """
+        if self.settings.update_policy != "context-budget":
+            return True
+        assert self.store is not None
+        state = await self.store.get_session(tenant, sid)
+        if state is None:
+            return False
+        if state.teach_pending:
+            return True
+        needed = self.settings.context_tokens - adding
+        pending, total = _History(self.store, tenant, sid, state.absorbed_turns, state.turns), 0
+        while total < needed and (page := await pending.older()):
+            total += sum(int(m["tokens"]) for m in await self._counted(page))
+        return total >= needed
 
     async def _count(self, ctx: TurnContext, prompt: int, completion: int) -> None:
         METRICS.prompt_tokens.inc(prompt)
         METRICS.completion_tokens.inc(completion)
         if self.limiter is not None:
             await self.limiter.add_tokens(ctx.tenant, prompt + completion)
+
+
+async def _new_messages(history: _History, dialogue: list[Message]) -> list[StoredMessage]:
+    """What the request adds to the stored history (see new_suffix).
+
+    Only a request sending more messages than the window holds can be a resent conversation; only then
+    is the whole window read to compare, a cost as large as the request's own.
+    """
+    if 0 < history.size < len(dialogue):
+        return list(new_suffix(await history.all(), dialogue))
+    return list(dialogue)
+
+
+def _check_complete(finish_reason: str | None) -> None:
+    """A reply the engine cut off (vLLM's "abort", "error") was not delivered whole: nothing is stored."""
+    if finish_reason not in _DELIVERED_FINISH:
+        raise ServiceUnavailable(f"the reply ended early (finish reason {finish_reason!r}); nothing was stored, "
+                                 "retry the request", retry_after=1, code="generation_incomplete")
+
+
+async def _shielded(step: Coroutine[Any, Any, T]) -> T:
+    """Await `step` to its end even when the caller is cancelled meanwhile (the caller still sees the cancel).
+
+    A client disconnect cancels the request's task: a turn being stored and queued must not stop halfway.
+    """
+    task = asyncio.ensure_future(step)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_log_failure)
+        raise
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("storing a turn after its request was cancelled failed: %r", task.exception())
 
 
 class _NoAdapter:
@@ -205,6 +373,3 @@ class _NoAdapter:
     async def __aexit__(self, *exc: object) -> None:
         return None
 
-
-def _finish(reason: str | None) -> str:
-    return "length" if reason == "length" else "stop"

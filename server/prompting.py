@@ -8,12 +8,14 @@ the first user turn (`adapters.supervision.render_chat_ids` decides).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from adapters.supervision import render_chat_ids, template_default_system
 
 Message = dict[str, str]
+# A stored turn: role and content, and since issue 12 `tokens`, its content's token count.
+StoredMessage = dict[str, Any]
 # Role markers and separators a chat template adds per message; a safe over-estimate.
 _PER_MESSAGE_OVERHEAD = 8
 MEMORY_HEADER = "What you remember from earlier in this conversation:"
@@ -42,27 +44,84 @@ def render_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     return render_chat_ids(tokenizer, messages, add_generation_prompt=True)
 
 
-def fit_turns(tokenizer: Any, system: str | None, turns: Sequence[Message], budget: int) -> tuple[list[int], int]:
+def count_tokens(tokenizer: Any, text: str) -> int:
+    """Tokens of a message's content alone: what a stored turn's `tokens` field holds."""
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def with_token_counts(tokenizer: Any, messages: Sequence[StoredMessage]) -> list[StoredMessage]:
+    """The messages with their `tokens` field, counted only where missing (turns stored before it existed).
+
+    Tokenizes: call it off the event loop when any count is missing.
+    """
+    return [m if has_token_count(m) else {**m, "tokens": count_tokens(tokenizer, m["content"])} for m in messages]
+
+
+def has_token_count(message: StoredMessage) -> bool:
+    return isinstance(message.get("tokens"), int)
+
+
+class TailFit:
+    """Which of the newest turns fit a token budget, walked newest first: the one rule of the estimate.
+
+    Each turn costs its stored token count plus the template's per-message overhead. The newest turn is
+    always taken; the walk stops for good at the first turn that does not fit, so the kept turns are
+    always a suffix of the conversation. `fit_turns` and the chat's paged history reader both walk with it.
+    """
+
+    def __init__(self, system_count: int | None, budget: int) -> None:
+        self.used = system_count + _PER_MESSAGE_OVERHEAD if system_count is not None else 0
+        self.budget = budget
+        self.kept = 0
+        self.full = False
+
+    def take(self, turns_newest_first: Iterable[StoredMessage]) -> bool:
+        """Take turns while they fit; False once one did not (that one and all older ones are left out)."""
+        if self.full:
+            return False
+        for turn in turns_newest_first:
+            cost = int(turn["tokens"]) + _PER_MESSAGE_OVERHEAD
+            if self.kept > 0 and self.used + cost > self.budget:
+                self.full = True
+                return False
+            self.used += cost
+            self.kept += 1
+        return True
+
+
+def system_tokens(tokenizer: Any, system: str | None) -> int | None:
+    """Tokens of the system text, None without one (TailFit then charges nothing for it)."""
+    return count_tokens(tokenizer, system) if system else None
+
+
+def fit_turns(tokenizer: Any, system: str | None, turns: Sequence[StoredMessage],
+              budget: int) -> tuple[list[int], int]:
     """Prompt ids holding the system text (if any) and as many of the newest turns as fit `budget` tokens.
 
     Returns (ids, number of turns kept). The newest turn is always kept: if even it does not fit,
     the caller's length check reports the overflow rather than silently dropping the question.
+    Stored `tokens` counts are used where present. Tokenizes: call it off the event loop.
+    """
+    counted = with_token_counts(tokenizer, turns)
+    fit = TailFit(system_tokens(tokenizer, system), budget)
+    fit.take(reversed(counted))
+    kept = list(turns[len(turns) - fit.kept :])
+    return render_fitting(tokenizer, system, kept, budget)
+
+
+def render_fitting(tokenizer: Any, system: str | None, kept: Sequence[StoredMessage],
+                   budget: int) -> tuple[list[int], int]:
+    """Render the system text and the turns a TailFit kept; drop the oldest while the exact ids exceed `budget`.
+
+    Returns (ids, number of turns kept). Tokenizes: call it off the event loop.
     """
     head: list[Message] = [{"role": "system", "content": system}] if system else []
-    estimate = [len(tokenizer.encode(t["content"], add_special_tokens=False)) + _PER_MESSAGE_OVERHEAD for t in turns]
-    used = len(tokenizer.encode(system, add_special_tokens=False)) + _PER_MESSAGE_OVERHEAD if system else 0
-    keep = 0
-    for cost in reversed(estimate):
-        if keep > 0 and used + cost > budget:
-            break
-        used += cost
-        keep += 1
-    kept = list(turns[len(turns) - keep :])
-    ids = render_ids(tokenizer, head + kept)
-    while len(ids) > budget and len(kept) > 1:  # the estimate was low: trim exactly
-        kept = kept[1:]
-        ids = render_ids(tokenizer, head + kept)
-    return ids, len(kept)
+    turns: list[Message] = [{"role": m["role"], "content": m["content"]} for m in kept]  # no `tokens` field
+    ids = render_ids(tokenizer, head + turns)
+    while len(ids) > budget and len(turns) > 1:  # the estimate was low: trim exactly
+        turns = turns[1:]
+        ids = render_ids(tokenizer, head + turns)
+    return ids, len(turns)
 
 
 def new_suffix(stored: Sequence[Message], sent: Sequence[Message]) -> list[Message]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -26,14 +26,23 @@ async def chat_completions(
     if ctx.session_id is not None and services.store is None:
         raise ServiceUnavailable("session storage is not configured", retry_after=5)
     if body.stream:
-        chunks, version = await services.chat.stream(body, ctx)
+        chunks, version = await services.chat.stream(body, ctx, _connected(request))
         return StreamingResponse(
             _sse(chunks, request),
             media_type="text/event-stream",
             headers={VERSION_HEADER: str(version), "Cache-Control": "no-cache"},
         )
-    response, version = await services.chat.complete(body, ctx)
+    response, version = await services.chat.complete(body, ctx, _connected(request))
     return JSONResponse(response.model_dump(exclude_none=True), headers={VERSION_HEADER: str(version)})
+
+
+def _connected(request: Request) -> Callable[[], Awaitable[bool]]:
+    """Whether the client is still there; the chat service asks before it stores a delivered turn."""
+
+    async def connected() -> bool:
+        return not await request.is_disconnected()
+
+    return connected
 
 
 async def _sse(chunks: AsyncGenerator[ChatCompletionChunk, None], request: Request) -> AsyncIterator[str]:
