@@ -169,6 +169,12 @@ class Conflict(_FixedStatusError):
     STATUS, TYPE = 409, "conflict_error"
 
 
+class UnprocessableContent(_FixedStatusError):
+    """422: well-formed, but contradicts an earlier request (an Idempotency-Key reused with another body)."""
+
+    STATUS, TYPE = 422, "invalid_request_error"
+
+
 class PayloadTooLarge(_FixedStatusError):
     """413: the body or one of its lists is over the server's limit."""
 
@@ -219,6 +225,7 @@ _STATUS_TYPES: dict[int, str] = {
     405: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
+    422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
 }

@@ -116,6 +116,17 @@ class Settings(BaseSettings):
     extraction_structured: bool = True
     job_reclaim_idle_ms: int = Field(60_000, ge=100, description="a job unacked this long is taken over")
     job_lock_ttl_ms: int = Field(30_000, ge=500, description="a session's update lock lapses this long after a crash")
+    max_job_attempts: int = Field(3, ge=1, description="deliveries of one update job before it is dead-lettered")
+    tenant_updates_per_minute: int = Field(
+        0, ge=0, description="session updates one tenant may start per minute; the rest wait at the back (0: no cap)")
+    job_stream_maxlen: int = Field(100_000, ge=1, description="queued update jobs; past it a new job is a 503")
+    job_stale_after_s: float = Field(900.0, gt=0, description="a pending-job flag this old no longer coalesces")
+    # Redis growth per session
+    max_checkpoints: int = Field(8, ge=1, description="newest adapter checkpoints kept per session")
+    max_session_messages: int = Field(20_000, ge=2, description="messages one session may store (then 413)")
+    max_session_bytes: int = Field(16_000_000, ge=1024, description="bytes of messages one session may store")
+    idempotency_ttl_s: int = Field(86_400, ge=1, description="how long an Idempotency-Key is remembered")
+    max_idempotency_keys: int = Field(1024, ge=1, description="Idempotency-Keys remembered per session (newest)")
     flush_timeout_s: float = Field(300.0, gt=0, description="longest a flush waits; a longer `timeout` is a 400")
     max_flushes_per_tenant: int = Field(4, ge=1, description="flushes one tenant may have waiting at once, per replica")
 

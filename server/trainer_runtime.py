@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from adapters.a_init import model_identity
@@ -19,6 +20,7 @@ from adapters.fast_weights import FastWeightModel, SessionB
 from adapters.supervision import Supervision
 from adapters.trainer import OnlineTrainer, TrainerConfig, UpdateResult
 from server.settings import Settings
+from server.store import A0Corrupt
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,25 @@ class TrainerRuntime:
         log.info("trainer ready: %d target modules in layers %s", len(fast.targets), fast.layers)
         return cls(fast, tokenizer, settings.trainer_config(), settings.model_name, settings.update_group_size,
                    anchor_cache=Path(settings.a0_cache_dir))
+
+    def adopt_a0(self, blob: bytes) -> None:
+        """Train against A0 as stored in Redis (published by the first worker), not the one computed here.
+
+        Replicas serve B · A0 with the stored A0, so B must be trained against it; another device or library
+        can compute an SVD that differs (signs, rounding) from the same weights. Raises A0Corrupt when the
+        stored tensors are not this model's targets and shapes.
+        """
+        stored = load_tensors(blob)
+        mine = self.fast.a0
+        if {n: tuple(t.shape) for n, t in stored.items()} != {n: tuple(t.shape) for n, t in mine.items()}:
+            raise A0Corrupt(f"the A0 stored for {self.identity} does not fit this model's targets and rank")
+        drift = max(float((stored[n] - t.float().cpu()).abs().max()) for n, t in mine.items())
+        log.warning("adopting the A0 stored for %s (max |difference| from this worker's: %.3g)", self.identity, drift)
+        # In place: the trainer's hooks and the batched trainer hold their own device copies of these tensors.
+        for copies in (self.fast.a0, self.fast._a0_device, self.batched._a0):
+            for name, tensor in copies.items():
+                tensor.copy_(stored[name].to(tensor.device, tensor.dtype))
+        self.a0_blob = blob
 
     def zero_b(self) -> SessionB:
         return self.fast.zero_b()

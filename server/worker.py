@@ -9,6 +9,7 @@ is stored; the snapshot/commit pair in the store makes a reclaimed job find noth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from server.generation import SessionGenerator
 from server.metrics import METRICS
 from server.settings import Settings
-from server.store import Job, RedisStore, StaleSnapshot, StoreUnavailable
+from server.store import A0Corrupt, Job, RedisStore, StaleSnapshot, StoreUnavailable
 from server.trainer_runtime import TrainerRuntime
 from server.update_prep import PreparedUpdate, UpdatePreparer
 
@@ -41,7 +42,7 @@ class UpdateWorker:
 
     async def run(self) -> None:
         """Main loop: reclaim stuck jobs, read new ones, process them as a group; ride out Redis outages."""
-        await self.store.put_a0(self.runtime.identity, self.runtime.a0_blob)
+        await self._publish_a0()
         await self.store.ensure_group()
         group = self.settings.update_group_size
         while not self._stop.is_set():
@@ -49,8 +50,8 @@ class UpdateWorker:
                 jobs = await self.store.reclaim(self.name, self.settings.job_reclaim_idle_ms, count=group)
                 jobs += await self.store.read_jobs(self.name, count=max(1, group - len(jobs)), block_ms=500)
                 METRICS.queue_depth.set(await self.store.queue_depth())
-                if jobs:
-                    await self.process(jobs)
+                if jobs and not await self.process(jobs):
+                    await asyncio.sleep(0.5)  # every job was deferred: do not spin on them
             except StoreUnavailable as exc:
                 log.warning("worker %s: Redis unavailable (%s); retrying", self.name, exc)
                 await asyncio.sleep(1.0)
@@ -58,29 +59,119 @@ class UpdateWorker:
                 log.exception("worker %s: unexpected error", self.name)
                 await asyncio.sleep(1.0)
 
-    async def process(self, jobs: Sequence[Job]) -> None:
-        """Update every session the jobs name (one update per session), then ack all of the jobs."""
+    async def _publish_a0(self) -> None:
+        """Publish A0 unless a worker did first; then train against the stored one, which replicas serve."""
+        try:
+            stored = await self.store.put_a0(self.runtime.identity, self.runtime.a0_blob)
+            if stored != self.runtime.a0_blob:
+                self.runtime.adopt_a0(stored)
+        except A0Corrupt:
+            log.exception("worker %s: refusing to start", self.name)
+            raise
+
+    async def process(self, jobs: Sequence[Job]) -> int:
+        """Update every session the jobs name (one update per session, each failing alone), then ack its jobs.
+
+        Returns how many sessions it updated or failed: 0 when every job was deferred.
+        """
         by_session: dict[SessionKey, list[Job]] = {}
         for job in jobs:
             by_session.setdefault((job.tenant, job.sid), []).append(job)
         ttl = self.settings.job_lock_ttl_ms
-        held = [key for key in by_session if await self.store.acquire_session_lock(*key, self.name, ttl)]
-        # Sessions locked by another worker keep their jobs pending: they are reclaimed later.
+        held: list[SessionKey] = []
+        for key in by_session:
+            if await self.store.acquire_session_lock(*key, self.name, ttl):
+                held.append(key)
+            else:  # busy on another worker: back of the queue, untried (reclaiming it would count an attempt)
+                await self._defer(by_session[key])
         if not held:
-            return
+            return 0
         heartbeat = asyncio.create_task(self._keep_locks(held, ttl))
+        claims = asyncio.create_task(self._keep_claims([j for key in held for j in by_session[key]]))
         try:
-            for key in held:
+            todo = [key for key in held if await self._admit(key, by_session)]
+            for key in todo:
                 await self.store.clear_pending_flag(*key)
-            await self._update([by_session[key][0] for key in held])
-            for key in held:
+            failures = await self._update_isolated([by_session[key][0] for key in todo])
+            for key in todo:
+                if key in failures:
+                    await self._failed(by_session[key], failures[key])
+                    continue
                 for job in by_session[key]:
                     await self.store.ack(job)
                     self.jobs_done += 1
+            return len(todo)
         finally:
             heartbeat.cancel()
+            claims.cancel()
             for key in held:
                 await self.store.release_session_lock(*key, self.name)
+
+    async def _admit(self, key: SessionKey, by_session: dict[SessionKey, list[Job]]) -> bool:
+        """Under the session's lock: drop jobs of a deleted session, give up on exhausted ones, charge the
+        tenant's budget (deferring when spent). True when the session is to be updated now."""
+        incarnation = await self.store.session_incarnation(*key)
+        live: list[Job] = []
+        for job in by_session[key]:
+            if incarnation is None or (job.incarnation and job.incarnation != incarnation):
+                await self.store.ack(job)  # its session was deleted (perhaps recreated): nothing of it is left
+            elif job.deliveries > self.settings.max_job_attempts:
+                await self._give_up(job, f"the worker stopped while updating it {job.deliveries - 1} times")
+            else:
+                live.append(job)
+        by_session[key] = live
+        if not live:
+            return False
+        if not await self.store.take_update_budget(key[0], self.settings.tenant_updates_per_minute):
+            METRICS.updates.labels("deferred").inc()
+            await self._defer(live)
+            return False
+        return True
+
+    async def _update_isolated(self, jobs: list[Job]) -> dict[SessionKey, str]:
+        """Update the sessions as one group; if the group fails, each one alone. Returns the failures' errors."""
+        try:
+            await self._update(jobs)
+            return {}
+        except StoreUnavailable:
+            raise  # an outage, not the session's fault: the jobs stay pending and are retried
+        except Exception as exc:
+            if len(jobs) == 1:
+                log.exception("update of %s/%s failed", jobs[0].tenant, jobs[0].sid)
+                return {(jobs[0].tenant, jobs[0].sid): f"{type(exc).__name__}: {exc}"[:500]}
+            log.warning("a group update of %d sessions failed (%s); retrying them one by one", len(jobs), exc)
+        failures: dict[SessionKey, str] = {}
+        for job in jobs:
+            failures.update(await self._update_isolated([job]))
+        return failures
+
+    async def _failed(self, jobs: list[Job], error: str) -> None:
+        """Record a session's failed update; dead-letter its jobs once they used up their attempts."""
+        METRICS.updates.labels("failed").inc()
+        attempts, cap = max(j.deliveries for j in jobs), self.settings.max_job_attempts
+        if attempts < cap:  # left pending: reclaimed (and retried) after job_reclaim_idle_ms
+            await self.store.set_last_error(jobs[0].tenant, jobs[0].sid,
+                                            f"update failed (attempt {attempts} of {cap}), will retry: {error}")
+            return
+        for job in jobs:
+            await self._give_up(job, error)
+
+    async def _give_up(self, job: Job, error: str) -> None:
+        METRICS.updates.labels("dead-lettered").inc()
+        await self.store.dead_letter(job, error)
+        await self.store.set_last_error(job.tenant, job.sid,
+                                        f"update given up after {job.deliveries} attempts: {error}")
+
+    async def _defer(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            await self.store.defer(job)
+
+    async def _keep_claims(self, jobs: list[Job]) -> None:
+        """Keep the jobs in hand from looking idle, so no other worker reclaims (and charges) them meanwhile."""
+        while True:
+            await asyncio.sleep(self.settings.job_reclaim_idle_ms / 3000)
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.touch(self.name, jobs)
 
     async def _update(self, jobs: list[Job]) -> None:
         todo = jobs
