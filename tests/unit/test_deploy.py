@@ -39,6 +39,7 @@ DASHBOARD_METRICS = {
     "tmem_update_lag_seconds",
     "tmem_update_queue_depth",
     "tmem_adapters_resident",
+    "tmem_adapter_evictions_total",
     "tmem_training_loss",
     "tmem_extraction_failures_total",
     "tmem_updates_total",
