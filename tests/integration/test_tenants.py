@@ -120,6 +120,10 @@ def test_idempotency_key_stores_a_retried_turn_once(keyed) -> None:
     for _ in range(3):
         assert chat(keyed, "alice", "idem", "I was born in 1990.", **{"Idempotency-Key": "turn-1"}).status_code == 200
     assert call(keyed, "alice", "GET", "/v1/sessions/idem").json()["turns"] == 2
+    # The key is bound to the request body (issue 12 item 11): another body under it is refused, not dropped.
+    reused = chat(keyed, "alice", "idem", "I was born in 1991.", **{"Idempotency-Key": "turn-1"})
+    assert reused.status_code == 422 and reused.json()["error"]["code"] == "idempotency_key_reused"
+    assert call(keyed, "alice", "GET", "/v1/sessions/idem").json()["turns"] == 2
 
 
 def test_oversized_body_is_413(keyed) -> None:
@@ -142,8 +146,13 @@ def test_rate_limit_is_429_with_retry_after(keyed) -> None:
 def test_a_service_key_reaches_a_tenant_only_by_naming_it(keyed) -> None:
     ingest = {"messages": [{"role": "user", "content": "Remember me."}]}
     assert call(keyed, "alice", "POST", "/v1/sessions/svc/messages", json=ingest).status_code == 200
-    as_alice = call(keyed, "*", "GET", "/v1/sessions/svc", headers={"X-TMEM-Tenant": "alice"})
-    assert as_alice.status_code == 200 and as_alice.json()["turns"] == 1
+    worker = {"X-TMEM-Tenant": "alice", "X-TMEM-Record": "false"}
+    assert chat(keyed, "*", "svc", "What did I ask?", **worker).status_code == 200
+    assert call(keyed, "alice", "GET", "/v1/sessions/svc").json()["turns"] == 1  # unrecorded, as the worker asks
+    # Only what the worker needs (issue 12 item 9): no reads, no recorded turns, no unconfigured tenant.
+    assert call(keyed, "*", "GET", "/v1/sessions/svc", headers={"X-TMEM-Tenant": "alice"}).status_code == 403
+    assert chat(keyed, "*", "svc", "hi", **{"X-TMEM-Tenant": "alice"}).status_code == 403
+    assert chat(keyed, "*", "svc", "hi", **{**worker, "X-TMEM-Tenant": "mallory"}).status_code == 403
     assert call(keyed, "*", "GET", "/v1/sessions/svc").status_code == 403
     assert call(keyed, "bob", "GET", "/v1/sessions/svc", headers={"X-TMEM-Tenant": "alice"}).status_code == 403
 

@@ -45,7 +45,7 @@ class FakeChat:
     refuse: bool = False
     started: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def complete(self, body: Any, ctx: Any) -> tuple[ChatCompletionResponse, int]:
+    async def complete(self, body: Any, ctx: Any, *_: Any) -> tuple[ChatCompletionResponse, int]:
         if self.refuse:  # what prepare() does for a bad request, before the engine runs
             raise InvalidRequest("messages must contain at least one user or assistant message", param="messages")
         self.started.set()
@@ -54,7 +54,7 @@ class FakeChat:
         await self.limiter.add_tokens(ctx.tenant, sum(self.usage))
         return ChatCompletionResponse.build(ctx.request_id, "m", "ok", "stop", *self.usage), 0
 
-    async def stream(self, body: Any, ctx: Any) -> tuple[AsyncIterator[ChatCompletionChunk], int]:
+    async def stream(self, body: Any, ctx: Any, *_: Any) -> tuple[AsyncIterator[ChatCompletionChunk], int]:
         async def chunks() -> AsyncIterator[ChatCompletionChunk]:
             yield ChatCompletionChunk.build(ctx.request_id, "m", role="assistant")
             yield ChatCompletionChunk.build(ctx.request_id, "m", content="partial")
