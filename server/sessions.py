@@ -11,12 +11,12 @@ from pathlib import Path
 
 from adapters.extraction import normalize_question
 from server.chat import ChatService
-from server.errors import InvalidRequest, NotFound, ServiceUnavailable
+from server.errors import InvalidRequest, NotFound, RateLimited, ServiceUnavailable
 from server.limits import check_messages
 from server.pool import AdapterPool
 from server.protocol import Memory, SessionInfo
 from server.settings import Settings
-from server.store import RedisStore, SessionState
+from server.store import RedisStore, SessionState, request_fingerprint
 
 _FLUSH_POLL_S = 0.05
 
@@ -39,6 +39,8 @@ class SessionService:
 
     def __init__(self, store: RedisStore, pool: AdapterPool, chat: ChatService, settings: Settings) -> None:
         self.store, self.pool, self.chat, self.settings = store, pool, chat, settings
+        # Flushes waiting per tenant on this replica: each one polls Redis until its deadline.
+        self._flushing: dict[str, int] = {}
 
     async def get(self, tenant: str, sid: str) -> SessionState:
         state = await self.store.get_session(tenant, sid)
@@ -51,9 +53,7 @@ class SessionService:
     ) -> SessionState:
         check_messages(messages, self.settings)
         await self.chat.open_session(tenant, sid)
-        result = await self.store.append_turns(tenant, sid, messages, idempotency_key=idempotency_key)
-        if not result.duplicate:
-            await self.chat.maybe_enqueue(tenant, sid, reason="ingest")
+        await self.chat.record(tenant, sid, messages, idempotency_key, request_fingerprint(messages), reason="ingest")
         return await self.get(tenant, sid)
 
     async def teach(self, tenant: str, sid: str, pairs: list[dict[str, str]]) -> SessionState:
@@ -66,10 +66,26 @@ class SessionService:
 
     async def flush(self, tenant: str, sid: str, timeout_s: float | None) -> SessionState:
         """Return once every pending turn and pair of the session is absorbed (read-your-writes)."""
+        limit = self.settings.flush_timeout_s
+        if timeout_s is not None and timeout_s > limit:
+            raise InvalidRequest(f"timeout may be at most {limit:g} seconds on this server", param="timeout",
+                                 code="invalid_value")
+        if self._flushing.get(tenant, 0) >= self.settings.max_flushes_per_tenant:
+            raise RateLimited(f"at most {self.settings.max_flushes_per_tenant} flushes may wait at once; "
+                              "retry when one has returned", retry_after=1, code="too_many_flushes")
+        self._flushing[tenant] = self._flushing.get(tenant, 0) + 1
+        try:
+            return await self._wait_absorbed(tenant, sid, timeout_s or limit)
+        finally:
+            self._flushing[tenant] -= 1
+            if not self._flushing[tenant]:
+                del self._flushing[tenant]
+
+    async def _wait_absorbed(self, tenant: str, sid: str, timeout_s: float) -> SessionState:
         state = await self.get(tenant, sid)
         if state.pending_updates:
             await self.store.enqueue_update(tenant, sid, reason="flush", force=True)
-        deadline = time.monotonic() + (timeout_s or self.settings.flush_timeout_s)
+        deadline = time.monotonic() + timeout_s
         while state.pending_updates or state.job_pending:
             if time.monotonic() > deadline:
                 raise ServiceUnavailable(
