@@ -200,7 +200,8 @@ def test_client_disconnect_mid_stream_stores_nothing_and_server_stays_up(keyed) 
     # min_tokens: the reply is 1500 tokens (seconds of work) whatever the random model's EOS does.
     body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 1500,
                        "min_tokens": 1500, "temperature": 0}).encode()
-    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{keyed.port}\r\n"
+               "Content-Type: application/json\r\n"
                f"Authorization: Bearer {KEYS['erin']}\r\nX-Session-ID: {sid}\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     with socket.create_connection(("127.0.0.1", keyed.port)) as conn:
