@@ -50,7 +50,8 @@ def test_a_client_without_the_password_is_refused(in_tmp: Path) -> None:
         private.stop()
 
 
-def test_the_password_is_private_and_never_on_the_command_line(in_tmp: Path) -> None:
+def test_the_password_is_private_and_never_on_the_command_line(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TMEM_API_KEYS", "alice=alice-key-0123456789abcdef")  # redis-server has no use for it
     private = PrivateRedis().start()
     try:
         assert private.proc is not None
@@ -61,7 +62,7 @@ def test_the_password_is_private_and_never_on_the_command_line(in_tmp: Path) -> 
             assert mode == 0o600, (name, oct(mode))
         assert stat.S_IMODE(os.stat(private.data_dir).st_mode) == 0o700
         environ = Path(f"/proc/{private.proc.pid}/environ").read_bytes()
-        assert b"TMEM_" not in environ
+        assert b"TMEM_" not in environ and b"alice-key" not in environ
     finally:
         private.stop()
     again = PrivateRedis()
