@@ -30,7 +30,7 @@ a fraction of lr either way: there the bound is 1e-2·lr (measured 3e-3·lr), i.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adapters.fast_weights import FastWeightModel, SessionB
-from adapters.prefix import DecoderStack, pad_states
+from adapters.prefix import DecoderStack, PrefixCache, pad_states
 from adapters.supervision import IGNORE_INDEX, Example, Supervision, encode_pairs
 from adapters.trainer import Schedule, TrainerConfig, UpdateResult, _make_optimizer, epoch_schedule, reached_target
 
@@ -88,7 +88,7 @@ class BatchedTrainer:
 
     def __init__(self, fast_model: FastWeightModel, tokenizer: Any, config: TrainerConfig | None = None, *,
                  max_group_size: int = DEFAULT_MAX_GROUP_SIZE, reuse_prefix: bool = True,
-                 anchors: Sequence[Supervision] = ()) -> None:
+                 anchors: Sequence[Supervision] = (), prefix_cache_bytes: int = 0) -> None:
         if max_group_size < 1:
             raise ValueError(f"max_group_size must be >= 1, got {max_group_size}")
         self.fast = fast_model
@@ -96,7 +96,11 @@ class BatchedTrainer:
         self.config = config or TrainerConfig()
         self.max_group_size = max_group_size
         self.anchors = list(anchors)  # the first `config.anchors` join every session's update
+        # Torch threads for the next step, asked before each one: a server gives the trainer the cores its
+        # engine leaves free at that moment (None: leave torch's setting alone).
+        self.threads: Callable[[], int] | None = None
         self.stack = DecoderStack(fast_model)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)  # 0: nothing kept between updates
         # Block at which per-step work starts: the first adapted one, or 0 to recompute everything.
         self.start = self.stack.first_adapted if reuse_prefix else 0
         pad = tokenizer.pad_token_id
@@ -131,9 +135,11 @@ class BatchedTrainer:
         started = time.perf_counter()
         sessions = [self._prepare(b, pairs, cfg, started) for b, pairs in items]
         live = [s for s in sessions if s.alive]
+        self._size_threads()
         self._attach_states(live)
         step = 0
         while active := [s for s in live if s.alive and step < len(s.schedule) and not self._done(s, step, cfg)]:
+            self._size_threads()
             self._joint_step(active, step, cfg)
             step += 1
         for s in live:
@@ -142,6 +148,10 @@ class BatchedTrainer:
                 s.result.applied = True
                 s.result.seconds = time.perf_counter() - s.started
         return [s.result for s in sessions]
+
+    def _size_threads(self) -> None:
+        if self.threads is not None and (wanted := max(1, self.threads())) != torch.get_num_threads():
+            torch.set_num_threads(wanted)
 
     @staticmethod
     def _done(s: _Session, step: int, cfg: TrainerConfig) -> bool:
@@ -172,7 +182,7 @@ class BatchedTrainer:
         examples = [ex for s in sessions for ex in s.examples]
         if not examples:
             return
-        states = self.stack.prefix_states(examples, self.pad_id, self.start)
+        states = self.prefix_cache.states(self.stack, examples, self.pad_id, self.start)
         offset = 0
         for s in sessions:
             s.states = states[offset:offset + len(s.examples)]

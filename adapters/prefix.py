@@ -19,6 +19,7 @@ in the attention kernels). That is what lets a prefix computed in one batch be r
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -124,6 +125,50 @@ class DecoderStack:
                 for row, index in enumerate(rows):
                     states[index] = hidden[row, :len(examples[index].input_ids)].clone()
         return [s for s in states if s is not None]
+
+
+class PrefixCache:
+    """Frozen-prefix states by token ids, least recently used dropped first past `max_bytes`.
+
+    A session's rehearsed memories and the anchors are the same rows update after update, and every
+    session of a group shares the anchors: their states are computed once and reused, since nothing
+    below the first adapted block changes while the server runs. Exact up to the float rounding that
+    batch width already allows (see the module docstring).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._states: OrderedDict[tuple[int, ...], Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def states(self, stack: DecoderStack, examples: Sequence[Example], pad_id: int, stop: int) -> list[Tensor]:
+        """Each example's states entering block `stop`: cached ones reused, the rest computed in one pass."""
+        keys = [tuple(ex.input_ids) for ex in examples]
+        found = {key: self._states[key] for key in keys if key in self._states}
+        for key in found:
+            self._states.move_to_end(key)
+        todo = {key: ex for key, ex in zip(keys, examples, strict=True) if key not in found}
+        self.hits, self.misses = self.hits + len(keys) - len(todo), self.misses + len(todo)
+        if todo:
+            computed = stack.prefix_states(list(todo.values()), pad_id, stop)
+            for key, state in zip(todo, computed, strict=True):
+                found[key] = state
+                self._put(key, state)
+        return [found[key] for key in keys]
+
+    def _put(self, key: tuple[int, ...], state: Tensor) -> None:
+        size = state.numel() * state.element_size()
+        if size > self.max_bytes:
+            return
+        self._states[key] = state
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, dropped = self._states.popitem(last=False)
+            self.bytes -= dropped.numel() * dropped.element_size()
 
 
 def pad_states(states: Sequence[Tensor]) -> Tensor:

@@ -189,6 +189,7 @@ class LagTracker:
             status = _absorbed(state, item) if state is not None else None
             if status is not None:
                 item.rec.update_lag, item.rec.lag_status = now - item.ended, status
+                item.rec.update_timings = _timings(state)
             elif now - item.ended > self.timeout_s:
                 item.rec.lag_status = "timeout"
         # watch() may have added turns while the GET was in flight: keep everything still open.
@@ -197,6 +198,11 @@ class LagTracker:
             self.watched[sid] = left
         else:
             self.watched.pop(sid, None)
+
+
+def _timings(state: dict[str, Any] | None) -> dict[str, float] | None:
+    """The seconds per stage of the session's last update, as its `last_update` reports them."""
+    return ((state or {}).get("last_update") or {}).get("timings") or None
 
 
 def _absorbed(state: dict[str, Any], item: _Watched) -> str | None:
@@ -249,6 +255,8 @@ class LoadRun:
                     self.lag.watch(sid, rec, messages_needed=2 * stored)  # user + assistant per turn
                 else:
                     history += [user, {"role": "assistant", "content": rec.text}]
+                if self.cfg.think_s and k + 1 < len(turns):
+                    await asyncio.sleep(self.cfg.think_s)
 
     def body(self, messages: list[Message], session: int, turn: int) -> dict[str, Any]:
         system = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []

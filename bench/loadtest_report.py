@@ -40,6 +40,7 @@ class RequestRecord:
     adapter_version: int | None = None
     update_lag: float | None = None
     lag_status: str | None = None  # new_version | absorbed (nothing to learn) | timeout; None: not watched
+    update_timings: dict[str, float] | None = None  # the absorbing update's seconds per stage (last_update.timings)
     chunk_times: list[float] = field(default_factory=list, repr=False)  # content chunks, from run start
     text: str = field(default="", repr=False)
 
@@ -70,6 +71,7 @@ class LoadConfig:
     warmup: int = 1
     system: str | None = None
     progress: bool = True
+    think_s: float = 0.0  # pause after each session turn, as a person reading and typing
 
 
 @dataclass(frozen=True)

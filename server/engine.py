@@ -22,6 +22,7 @@ class Engine:
         self.llm = llm
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.active = 0  # requests being generated right now (chats and the inline worker's extraction)
 
     @classmethod
     def start(cls, settings: Settings) -> Engine:
@@ -51,8 +52,13 @@ class Engine:
         self, prompt_ids: list[int], params: SamplingParams, request_id: str, lora: LoRARequest | None
     ) -> AsyncIterator[RequestOutput]:
         """Stream cumulative outputs for one request; the caller aborts by closing the iterator."""
-        async for output in self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id, lora_request=lora):
-            yield output
+        self.active += 1
+        try:
+            async for output in self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id,
+                                                  lora_request=lora):
+                yield output
+        finally:
+            self.active -= 1
 
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)

@@ -21,12 +21,19 @@ class SessionGenerator(Protocol):
         json_schema: dict[str, Any] | None = None,
     ) -> str: ...
 
+    def serving_requests(self) -> int | None:
+        """Requests the engine is generating now, or None when the engine runs elsewhere."""
+        ...
+
 
 class EngineGenerator:
     """Greedy generation through this replica's engine (the inline worker inside `tmem serve`)."""
 
     def __init__(self, engine: Engine, pool: AdapterPool, structured: bool) -> None:
         self.engine, self.pool, self.structured = engine, pool, structured
+
+    def serving_requests(self) -> int | None:
+        return self.engine.active
 
     async def generate(
         self,

@@ -97,7 +97,13 @@ class Settings(BaseSettings):
     # Worker
     worker: Literal["inline", "off"] = Field("inline", description="run the update worker inside `serve`")
     update_group_size: int = Field(16, ge=1, description="pending sessions trained together in one pass")
-    worker_threads: int = Field(1, ge=1, description="torch threads the trainer may use")
+    worker_threads: int = Field(1, ge=1, description="torch threads the trainer uses while the engine serves")
+    worker_pipeline: int = Field(
+        2, ge=1, description="groups in flight: the next group's extraction runs while the previous one trains")
+    prefix_cache_mb: int = Field(
+        256, ge=0, description="frozen-prefix states kept between updates (rehearsed memories, anchors)")
+    worker_idle_threads: int | None = Field(
+        None, ge=1, description="torch threads while the engine in this process is idle (default: all cores)")
     supervision: Literal["qa", "raw", "qa+raw"] = Field(
         "qa", description="qa: extracted pairs, raw text where a chunk yields none; raw: text only; qa+raw: both")
     summary_mode: Literal["pairs", "model", "off"] = Field(

@@ -29,7 +29,7 @@ class TrainerRuntime:
     """Owns θ0 (frozen, PyTorch), A0 and the OnlineTrainer; turns B into checkpoints and back."""
 
     def __init__(self, fast: FastWeightModel, tokenizer: Any, config: TrainerConfig, base_model: str,
-                 group_size: int = 16, anchor_cache: Path | None = None) -> None:
+                 group_size: int = 16, anchor_cache: Path | None = None, prefix_cache_bytes: int = 0) -> None:
         self.fast = fast
         self.trainer = OnlineTrainer(fast, tokenizer, config)
         self.base_model = base_model
@@ -37,7 +37,8 @@ class TrainerRuntime:
         anchors = load_or_make_anchors(fast.model, tokenizer, self.identity, anchor_cache, config.anchors)
         # The serving path: frozen-prefix reuse, head at answers, several sessions per pass; each
         # session's result equals OnlineTrainer's within the tolerances in adapters/batched.py.
-        self.batched = BatchedTrainer(fast, tokenizer, config, max_group_size=group_size, anchors=anchors)
+        self.batched = BatchedTrainer(fast, tokenizer, config, max_group_size=group_size, anchors=anchors,
+                                      prefix_cache_bytes=prefix_cache_bytes)
         self.a0_blob = save_tensors({n: t.contiguous() for n, t in fast.a0.items()})
 
     @classmethod
@@ -54,7 +55,7 @@ class TrainerRuntime:
         fast = FastWeightModel(model, settings.fast_weight_spec(), a0_cache_dir=Path(settings.a0_cache_dir))
         log.info("trainer ready: %d target modules in layers %s", len(fast.targets), fast.layers)
         return cls(fast, tokenizer, settings.trainer_config(), settings.model_name, settings.update_group_size,
-                   anchor_cache=Path(settings.a0_cache_dir))
+                   anchor_cache=Path(settings.a0_cache_dir), prefix_cache_bytes=settings.prefix_cache_mb << 20)
 
     def adopt_a0(self, blob: bytes) -> None:
         """Train against A0 as stored in Redis (published by the first worker), not the one computed here.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -33,31 +34,76 @@ class UpdateWorker:
                  settings: Settings, name: str | None = None) -> None:
         self.store, self.runtime, self.settings = store, runtime, settings
         self.preparer = UpdatePreparer(store, runtime, generator, settings)
+        self.generator = generator
+        runtime.batched.threads = self.train_threads
         self.name = name or f"worker-{uuid.uuid4().hex[:8]}"
         self._stop = asyncio.Event()
+        self._training = asyncio.Lock()  # one training pass at a time; extraction of the next group overlaps it
         self.jobs_done = 0
 
     def stop(self) -> None:
         self._stop.set()
 
+    def train_threads(self) -> int:
+        """All cores while the engine beside us generates nothing; `worker_threads` while it serves.
+
+        Asked before every training step, so a chat that arrives mid-update gets its cores back within
+        one step. A worker whose engine runs elsewhere cannot see its load and keeps `worker_threads`.
+        """
+        serving = self.generator.serving_requests()
+        if serving is None or serving > 0:
+            return self.settings.worker_threads
+        return self.settings.worker_idle_threads or os.cpu_count() or 1
+
     async def run(self) -> None:
-        """Main loop: reclaim stuck jobs, read new ones, process them as a group; ride out Redis outages."""
+        """Main loop: reclaim stuck jobs, read new ones, process them as a group; ride out Redis outages.
+
+        Up to `worker_pipeline` groups are in flight: while one group trains (in a thread, one pass at a
+        time), the next one is claimed and its extraction runs on the engine, so a turn that arrives
+        during training no longer waits for the whole pass before its own update starts.
+        """
         await self._publish_a0()
         await self.store.ensure_group()
+        slots = asyncio.Semaphore(self.settings.worker_pipeline)
+        passes: set[asyncio.Task[None]] = set()
+        try:
+            while not self._stop.is_set():
+                await slots.acquire()
+                jobs = await self._next_jobs()
+                if not jobs:
+                    slots.release()
+                    continue
+                task = asyncio.create_task(self._pass(jobs, slots))
+                passes.add(task)
+                task.add_done_callback(passes.discard)
+        finally:
+            await asyncio.gather(*passes, return_exceptions=True)
+
+    async def _next_jobs(self) -> list[Job]:
         group = self.settings.update_group_size
-        while not self._stop.is_set():
-            try:
-                jobs = await self.store.reclaim(self.name, self.settings.job_reclaim_idle_ms, count=group)
-                jobs += await self.store.read_jobs(self.name, count=max(1, group - len(jobs)), block_ms=500)
-                METRICS.queue_depth.set(await self.store.queue_depth())
-                if jobs and not await self.process(jobs):
-                    await asyncio.sleep(0.5)  # every job was deferred: do not spin on them
-            except StoreUnavailable as exc:
-                log.warning("worker %s: Redis unavailable (%s); retrying", self.name, exc)
-                await asyncio.sleep(1.0)
-            except Exception:  # a bug in one pass must not kill the worker; its jobs stay pending
-                log.exception("worker %s: unexpected error", self.name)
-                await asyncio.sleep(1.0)
+        try:
+            jobs = await self.store.reclaim(self.name, self.settings.job_reclaim_idle_ms, count=group)
+            jobs += await self.store.read_jobs(self.name, count=max(1, group - len(jobs)), block_ms=500)
+            METRICS.queue_depth.set(await self.store.queue_depth())
+            return jobs
+        except StoreUnavailable as exc:
+            log.warning("worker %s: Redis unavailable (%s); retrying", self.name, exc)
+            await asyncio.sleep(1.0)
+            return []
+
+    async def _pass(self, jobs: list[Job], slots: asyncio.Semaphore) -> None:
+        """One group, start to finish; its slot is free again only after any back-off."""
+        try:
+            if not await self.process(jobs):
+                await asyncio.sleep(0.5)  # every job was deferred (its session is mid-update): do not spin
+        except StoreUnavailable as exc:
+            log.warning("worker %s: Redis unavailable (%s); retrying", self.name, exc)
+            await asyncio.sleep(1.0)
+        except Exception:  # a bug in one pass must not kill the worker; its jobs stay pending
+            log.exception("worker %s: unexpected error", self.name)
+            await asyncio.sleep(1.0)
+        finally:
+            slots.release()
 
     async def _publish_a0(self) -> None:
         """Publish A0 unless a worker did first; then train against the stored one, which replicas serve."""
@@ -176,9 +222,10 @@ class UpdateWorker:
     async def _update(self, jobs: list[Job]) -> None:
         todo = jobs
         for _ in range(3):  # a session written meanwhile (stale snapshot) is prepared again
-            started = time.perf_counter()
+            claimed = time.time()
             prepared = list(await asyncio.gather(*(self.preparer.prepare(job) for job in todo)))
-            METRICS.update_seconds.labels("extract").observe(time.perf_counter() - started)
+            for p in prepared:  # the wait behind other sessions' updates, often the largest part of the lag
+                p.report.timed("queued", max(0.0, claimed - p.job.enqueued_at))
             await self._train(prepared)
             todo = [p.job for p in prepared if not await self._commit(p)]
             if not todo:
@@ -193,10 +240,12 @@ class UpdateWorker:
                 p.rejection = "nothing to learn: the new text gave no supervision"
         if not trainable:
             return
-        started = time.perf_counter()
         items = [(p.b, p.supervision) for p in trainable]
-        results = await asyncio.to_thread(self.runtime.update_many, items)
-        METRICS.update_seconds.labels("train").observe(time.perf_counter() - started)
+        async with self._training:
+            started = time.perf_counter()
+            results = await asyncio.to_thread(self.runtime.update_many, items)
+        for p in trainable:  # one batched pass: each session waited for all of it
+            p.report.timed("train", time.perf_counter() - started)
         METRICS.update_group_size.observe(len(trainable))
         if len(trainable) > 1:
             METRICS.batched_passes.inc()
@@ -218,6 +267,7 @@ class UpdateWorker:
             METRICS.updates.labels("nothing-new").inc()
             return True
         ckpt = p.checkpoint
+        started = time.perf_counter()
         try:
             await self.store.commit_update(p.job.tenant, p.job.sid, p.snap, checkpoint=ckpt.data if ckpt else None,
                                            sha256=ckpt.sha256 if ckpt else None, summary=p.summary,
@@ -225,6 +275,7 @@ class UpdateWorker:
                                            report=p.report.model_dump(), max_memories=self.settings.max_memories)
         except StaleSnapshot:
             return False
+        METRICS.update_seconds.labels("commit").observe(time.perf_counter() - started)
         if p.rejection:
             # After the commit, which clears last_error: the reason must outlive it.
             await self.store.set_last_error(p.job.tenant, p.job.sid, p.rejection)

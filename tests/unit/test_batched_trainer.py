@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.batched import BatchedTrainer, UpdateItem, b_tolerance, update_many
 from adapters.fast_weights import FastWeightModel, SessionB
+from adapters.prefix import PrefixCache
 from adapters.spec import FastWeightSpec
 from adapters.supervision import encode_pairs
 from adapters.tiny_model import build_tiny_model
@@ -238,3 +239,55 @@ def test_anchors_join_an_update_but_never_make_one(fast: FastWeightModel, tokeni
     assert with_pairs.applied and with_pairs.examples == 2 + 2
     assert one.applied and one.examples == 1 + 1  # never more anchors than the session's own examples
     assert not empty.applied and empty.examples == 0
+
+
+def test_prefix_cache_reuses_states_across_updates_with_the_same_results(fast: FastWeightModel, tokenizer) -> None:
+    items, cfg = sessions(fast), CONFIGS["sgd"]
+    rows = {"prefix": 0}
+
+    def count(_: object, args: tuple[torch.Tensor, ...]) -> None:
+        rows["prefix"] += args[0].shape[0]
+
+    plain = BatchedTrainer(fast, tokenizer, cfg).update_many(items)
+    cached = BatchedTrainer(fast, tokenizer, cfg, prefix_cache_bytes=64 << 20)
+    handle = fast.model.get_decoder().layers[0].register_forward_pre_hook(count)
+    try:
+        first = cached.update_many(items)
+        computed_first = rows["prefix"]
+        second = cached.update_many(items)
+    finally:
+        handle.remove()
+    distinct = len({(p.instruction, p.output) for _, pairs in items for p in pairs})
+    assert computed_first == distinct < sum(len(pairs) for _, pairs in items)  # shared rows computed once
+    assert rows["prefix"] == computed_first  # the second update found every row cached
+    assert cached.prefix_cache.hits == sum(len(pairs) for _, pairs in items) * 2 - distinct
+    for got, again, ref, (b, _) in zip(first, second, plain, items, strict=True):
+        assert_same_update(got, ref, b)
+        assert_same_update(again, ref, b)
+
+
+def test_prefix_cache_drops_the_least_recently_used_past_its_budget(fast: FastWeightModel, tokenizer) -> None:
+    trainer = BatchedTrainer(fast, tokenizer, CONFIGS["sgd"])
+    examples = encode_pairs(tokenizer, PAIRS[:3], max_seq_len=64)
+    sizes = [s.numel() * s.element_size() for s in trainer.stack.prefix_states(examples, trainer.pad_id)]
+    cache = PrefixCache(max_bytes=sizes[0] + max(sizes[1:]))  # room for row 0 and one other
+    states = cache.states(trainer.stack, examples[:2], trainer.pad_id, trainer.start)
+    cache.states(trainer.stack, examples[:1], trainer.pad_id, trainer.start)  # row 0 is now the newest
+    cache.states(trainer.stack, examples[2:], trainer.pad_id, trainer.start)  # evicts row 1, the oldest
+    assert (cache.hits, cache.misses, len(cache)) == (1, 3, 2) and cache.bytes <= cache.max_bytes
+    again = cache.states(trainer.stack, examples[:1], trainer.pad_id, trainer.start)
+    assert cache.hits == 2 and again[0] is states[0]
+
+
+def test_the_thread_policy_is_asked_before_every_step(fast: FastWeightModel, tokenizer) -> None:
+    asked: list[int] = []
+
+    def policy() -> int:
+        asked.append(torch.get_num_threads())
+        return 1
+
+    trainer = BatchedTrainer(fast, tokenizer, CONFIGS["sgd"])
+    trainer.threads = policy
+    (result,) = trainer.update_many([(fast.zero_b(), PAIRS[:4])])
+    assert len(asked) == result.steps + 1  # once for the prefix pass, once per joint step
+    assert torch.get_num_threads() == 1
