@@ -174,7 +174,7 @@ class ChatService:
         stored token counts price them, so a long session costs this request no more than what fits.
         """
         tokenizer, budget = self.engine.tokenizer, self.settings.context_tokens
-        fit = TailFit(await asyncio.to_thread(system_tokens, tokenizer, system), budget)
+        fit = TailFit(await asyncio.to_thread(system_tokens, tokenizer, system) if system else None, budget)
         turns = list(new_messages)
         fits = fit.take(reversed(turns))
         while fits and (page := await history.older()):
