@@ -206,10 +206,7 @@ class ChatService:
         completion = final.outputs[0]
         _check_complete(completion.finish_reason)
         text, n_out = completion.text, len(completion.token_ids)
-        if await connected():
-            await self.finish_turn(ctx, prep.new_messages, text)
-        else:
-            log.info("request %s: the client left before its reply was sent; turn not stored", ctx.request_id)
+        await self.finish_turn(ctx, prep.new_messages, text, connected)
         await self._count(ctx, len(prep.prompt_ids), n_out)
         response = ChatCompletionResponse.build(
             request_id=ctx.request_id,
@@ -254,14 +251,11 @@ class ChatService:
             yield ChatCompletionChunk.build(ctx.request_id, prep.model, finish_reason=completion.finish_reason)
             if req.stream_usage:
                 yield ChatCompletionChunk.usage_only(ctx.request_id, prep.model, len(prep.prompt_ids), n_out)
-            # Resumed only once the server has written the events above; a client that went away while
-            # they were generated or written is seen here, and a reply it never got is not a turn.
-            if not await connected():
-                log.info("request %s: the client left before the end of its reply (+%.3fs); turn not stored",
-                         ctx.request_id, time.perf_counter() - started)
-                return
-            await self.finish_turn(ctx, prep.new_messages, completion.text)
-            log.debug("request %s: turn stored at +%.3fs", ctx.request_id, time.perf_counter() - started)
+            # Resumed only once the server has written the events above: a client that went away while
+            # they were generated or written is seen now, and a reply it never got is not a turn.
+            stored = await self.finish_turn(ctx, prep.new_messages, completion.text, connected)
+            log.debug("request %s: turn %s at +%.3fs", ctx.request_id, "stored" if stored else "not stored",
+                      time.perf_counter() - started)
             await self._count(ctx, len(prep.prompt_ids), n_out)
         finally:
             # Shielded: on a disconnect Starlette cancels this task, and an unshielded await here would be
@@ -277,13 +271,21 @@ class ChatService:
             return _NoAdapter()
         return self.pool.use(ctx.tenant, ctx.session_id, version)
 
-    async def finish_turn(self, ctx: TurnContext, new_messages: list[StoredMessage], reply: str) -> None:
-        """Store the delivered turn once and queue its update: one step that a cancellation cannot split."""
+    async def finish_turn(self, ctx: TurnContext, new_messages: list[StoredMessage], reply: str,
+                          connected: ConnectionCheck = _always_connected) -> bool:
+        """Store the delivered turn once and queue its update, unless the client has gone; True when stored.
+
+        Storing and queuing are one step that a cancellation (the client leaving meanwhile) cannot split.
+        """
         if ctx.session_id is None or not ctx.record or self.store is None:
-            return
+            return False
+        if not await connected():
+            log.info("request %s: the client left before the end of its reply; turn not stored", ctx.request_id)
+            return False
         turn = [*new_messages, {"role": "assistant", "content": reply}]
         await _shielded(self.record(ctx.tenant, ctx.session_id, turn, ctx.idempotency_key, ctx.request_sha256,
                                     reason="turn"))
+        return True
 
     async def record(self, tenant: str, sid: str, messages: list[StoredMessage], idempotency_key: str | None,
                      request_sha256: str, reason: str) -> AppendResult:

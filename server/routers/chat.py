@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Request
@@ -17,6 +18,7 @@ from server.protocol import SSE_DONE, ChatCompletionChunk, ChatCompletionRequest
 
 router = APIRouter(responses=ERROR_RESPONSES)
 VERSION_HEADER = "X-TMEM-Adapter-Version"
+DELIVERY_SETTLE_S = 0.005  # delays only the end of a reply ([DONE]), once per request
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -40,6 +42,10 @@ def _connected(request: Request) -> Callable[[], Awaitable[bool]]:
     """Whether the client is still there; the chat service asks before it stores a delivered turn."""
 
     async def connected() -> bool:
+        # A reset that reached the socket before the last write is reported to the app only a few loop
+        # turns later (read error, then connection_lost, then the receive event), and is_disconnected()
+        # itself looks for just two turns: let the loop run briefly first, so such a client is seen.
+        await asyncio.sleep(DELIVERY_SETTLE_S)
         return not await request.is_disconnected()
 
     return connected

@@ -91,12 +91,26 @@ class Exchange:
 
 
 async def post(app: Any, sid: str, stream: bool, leave: Callable[[list[str]], bool] = lambda events: False,
-               body: dict[str, Any] | None = None) -> Exchange:
-    """POST a chat completion; the client leaves once `leave(events received so far)` is true."""
-    payload = json.dumps(body or {"messages": QUESTION, "stream": stream, "max_tokens": 16}).encode()
-    seen, gone, sent_body = Exchange(), asyncio.Event(), False
+               seen_late: bool = False) -> Exchange:
+    """POST a chat completion; the client leaves once `leave(events received so far)` is true.
+
+    seen_late: the server learns of it 2 ms later, as when the reset answering the last write comes back
+    over the network a round trip after it; otherwise at once.
+    """
+    payload = json.dumps({"messages": QUESTION, "stream": stream, "max_tokens": 16}).encode()
+    seen, gone, sent_body, dead = Exchange(), asyncio.Event(), False, False
+    loop = asyncio.get_running_loop()
+
+    def hang_up() -> None:
+        nonlocal dead
+        dead = True
+        if seen_late:
+            loop.call_later(0.002, gone.set)
+        else:
+            gone.set()
+
     if leave([]):
-        gone.set()
+        hang_up()
 
     async def receive() -> dict[str, Any]:
         nonlocal sent_body
@@ -107,14 +121,14 @@ async def post(app: Any, sid: str, stream: bool, leave: Callable[[list[str]], bo
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
-        if gone.is_set():
-            return  # the socket is closed: uvicorn drops what is sent after a disconnect
+        if dead:
+            return  # the socket is closed: what is sent after the disconnect is lost
         if message["type"] == "http.response.start":
             seen.status = message["status"]
         elif message["type"] == "http.response.body":
             seen.events += [e for e in message.get("body", b"").decode().split("\n\n") if e.strip()]
             if leave(seen.events):
-                gone.set()
+                hang_up()
 
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                (b"x-session-id", sid.encode()), (b"host", b"127.0.0.1")]
@@ -158,6 +172,16 @@ async def test_a_client_that_leaves_as_the_final_event_is_written_has_no_turn_st
     """
     app, _ = serve(store, FakeEngine())
     seen = await post(app, sid, stream=True, leave=lambda events: any('"finish_reason":"stop"' in e for e in events))
+    assert '"finish_reason":"stop"' in seen.events[-1]
+    assert await stored(store, sid) == []
+
+
+async def test_a_reset_arriving_a_round_trip_after_the_final_write_stores_nothing(store, sid) -> None:
+    """is_disconnected() alone looks for two loop turns only; a reset that answers the final write comes a
+    network round trip later. The check lets the loop run a few milliseconds first, so this client is seen."""
+    app, _ = serve(store, FakeEngine())
+    seen = await post(app, sid, stream=True, seen_late=True,
+                      leave=lambda events: any('"finish_reason":"stop"' in e for e in events))
     assert '"finish_reason":"stop"' in seen.events[-1]
     assert await stored(store, sid) == []
 
