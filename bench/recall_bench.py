@@ -1,6 +1,7 @@
 """Do sessions remember, and stay the model they were? Recall and retention on the real model, per trainer preset.
 
     python -m bench.recall_bench --out DIR [--presets paper,default] [--model .cache/demo-model]
+        [--phases teach,teach10,chat] [--variant LABEL="--flag value ..."]...
 
 For each preset, one `tmem serve` (the demo model, SmolLM2-135M-Instruct, fp32) is started and used
 through its public API only; the presets run one after the other in the same run, so their numbers
@@ -17,6 +18,8 @@ sit side by side:
   and the mean per-token KL(base ‖ adapted) on a held-out text, from the downloaded adapter.
 - **cost**: seconds per update (the flush's wall time).
 
+`--variant` adds runs of each preset with extra `tmem serve` flags (for example
+`--variant pairs2="--extraction-max-pairs 2"`), labelled `preset+LABEL`, in the same run.
 Progress goes to stderr. Output: a table, `recall_bench.png`, `results.json` in --out, and last one
 JSON line of headline figures.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -44,11 +48,14 @@ RECALL_TOKENS, RETENTION_TOKENS = 20, 16
 ACK = "Thanks for telling me!"
 
 
-def server_command(model: Path, port: int, out: Path, preset: str) -> list[str]:
+PHASES = ("teach", "teach10", "chat")
+
+
+def server_command(model: Path, port: int, out: Path, preset: str, label: str, extra: Sequence[str] = ()) -> list[str]:
     return [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", str(port),
             "--dtype", "float32", "--gpu-memory-utilization", "0.25", "--max-model-len", "2048",
-            "--context-tokens", "1536", "--trainer-preset", preset, "--redis-data-dir", str(out / f"redis-{preset}"),
-            "--a0-cache-dir", str(out / "a0")]
+            "--context-tokens", "1536", "--trainer-preset", preset, "--redis-data-dir", str(out / f"redis-{label}"),
+            "--a0-cache-dir", str(out / "a0"), *extra]
 
 
 class Api:
@@ -130,7 +137,11 @@ async def chat_ingest(api: Api, sid: str) -> dict[str, Any]:
     await api.post(f"/v1/sessions/{sid}/messages", {"messages": messages})
     seconds, info = await api.flush(sid)
     report = info["last_update"] or {}
+    memories = (await api.http.get(f"/v1/sessions/{sid}/memories")).json().get("data", [])
+    covered = sum(any(f.keyword in f"{m['instruction']} {m['output']}".lower() for m in memories) for f in FACTS)
     return {"update_s": seconds, "version": info["adapter_version"], "pairs_kept": report.get("pairs_kept", 0),
+            "pairs_extracted": report.get("pairs_extracted", 0), "facts_in_pairs": covered,
+            "extract_s": report.get("timings", {}).get("extract"),
             "chunks": report.get("chunks", 0), "fallback_chunks": report.get("raw_chunks", 0)}
 
 
@@ -163,26 +174,31 @@ def _kl(model_dir: Path, adapter_dir: Path) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
-async def bench_preset(url: str, preset: str, model: Path, out: Path) -> dict[str, Any]:
+async def bench_preset(url: str, preset: str, model: Path, out: Path,
+                       phases: Sequence[str] = PHASES) -> dict[str, Any]:
     api = Api(url)
+    result: dict[str, Any] = {"preset": preset}
     try:
         say(f"{preset}: base answers to {len(GENERAL_PROMPTS)} general prompts")
         base = await api.ask_all(GENERAL_PROMPTS, None, False, RETENTION_TOKENS)
-        say(f"{preset}: teach {len(FACTS)} facts in one update")
-        once = await teach_once(api, f"{preset}-teach")
-        once |= {"recall": await recall_of(api, f"{preset}-teach", FACTS),
-                 "retention": await retention_of(api, f"{preset}-teach", base),
-                 "kl": await kl_to_base(api, f"{preset}-teach", model, out)}
-        say(f"{preset}: teach the same facts 2 per update, 10 updates")
-        tenfold = await teach_successively(api, f"{preset}-teach10")
-        tenfold |= {"recall": await recall_of(api, f"{preset}-teach10", FACTS),
-                    "retention": await retention_of(api, f"{preset}-teach10", base),
-                    "kl": await kl_to_base(api, f"{preset}-teach10", model, out)}
-        say(f"{preset}: ingest a conversation stating the facts in passing")
-        chat = await chat_ingest(api, f"{preset}-chat")
-        chat |= {"recall": await recall_of(api, f"{preset}-chat", FACTS),
-                 "retention": await retention_of(api, f"{preset}-chat", base)}
-        return {"preset": preset, "teach": once, "teach10": tenfold, "chat": chat}
+        if "teach" in phases:
+            say(f"{preset}: teach {len(FACTS)} facts in one update")
+            result["teach"] = await teach_once(api, f"{preset}-teach")
+            result["teach"] |= {"recall": await recall_of(api, f"{preset}-teach", FACTS),
+                                "retention": await retention_of(api, f"{preset}-teach", base),
+                                "kl": await kl_to_base(api, f"{preset}-teach", model, out)}
+        if "teach10" in phases:
+            say(f"{preset}: teach the same facts 2 per update, 10 updates")
+            result["teach10"] = await teach_successively(api, f"{preset}-teach10")
+            result["teach10"] |= {"recall": await recall_of(api, f"{preset}-teach10", FACTS),
+                                  "retention": await retention_of(api, f"{preset}-teach10", base),
+                                  "kl": await kl_to_base(api, f"{preset}-teach10", model, out)}
+        if "chat" in phases:
+            say(f"{preset}: ingest a conversation stating the facts in passing")
+            result["chat"] = await chat_ingest(api, f"{preset}-chat")
+            result["chat"] |= {"recall": await recall_of(api, f"{preset}-chat", FACTS),
+                               "retention": await retention_of(api, f"{preset}-chat", base)}
+        return result
     finally:
         await api.http.aclose()
 
@@ -191,14 +207,16 @@ def headline(results: list[dict[str, Any]]) -> dict[str, Any]:
     line: dict[str, Any] = {"bench": "recall", "facts": len(FACTS), "general_prompts": len(GENERAL_PROMPTS)}
     for r in results:
         p = r["preset"]
-        for phase in ("teach", "teach10", "chat"):
+        for phase in (phase for phase in PHASES if phase in r):
             line[f"{p}_{phase}_recall_on"] = round(r[phase]["recall"]["on"], 3)
             line[f"{p}_{phase}_recall_off"] = round(r[phase]["recall"]["off"], 3)
             line[f"{p}_{phase}_retention"] = round(r[phase]["retention"]["share"], 3)
             line[f"{p}_{phase}_update_s"] = round(r[phase]["update_s"], 2)
-        line[f"{p}_teach_kl"] = round(r["teach"]["kl"], 4)
-        line[f"{p}_teach10_kl"] = round(r["teach10"]["kl"], 4)
-        line[f"{p}_chat_pairs_kept"] = r["chat"]["pairs_kept"]
+        for phase in (phase for phase in ("teach", "teach10") if phase in r):
+            line[f"{p}_{phase}_kl"] = round(r[phase]["kl"], 4)
+        if "chat" in r:
+            for key in ("pairs_extracted", "pairs_kept", "facts_in_pairs", "extract_s"):
+                line[f"{p}_chat_{key}"] = r["chat"][key]
     return line
 
 
@@ -207,7 +225,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{'s/update':>8}")
     rows = [head, "-" * len(head)]
     for r in results:
-        for phase in ("teach", "teach10", "chat"):
+        for phase in (phase for phase in PHASES if phase in r):
             cell = r[phase]
             on, off = cell["recall"]["on"], cell["recall"]["off"]
             kl = f"{cell['kl']:.4f}" if "kl" in cell else "-"
@@ -222,7 +240,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    phases = ("teach", "teach10", "chat")
+    phases = [phase for phase in PHASES if all(phase in r for r in results)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / max(1, len(results))
     for k, r in enumerate(results):
@@ -249,7 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", type=Path, default=Path(".cache/demo-model"))
     parser.add_argument("--presets", default="paper,default")
+    parser.add_argument("--phases", default=",".join(PHASES), help="which of teach,teach10,chat to run")
+    parser.add_argument("--variant", action="append", default=[], metavar='LABEL="FLAGS"',
+                        help="also run each preset with these extra `tmem serve` flags (repeatable)")
     args = parser.parse_args(argv)
+    phases = [p for p in args.phases.split(",") if p]
+    if unknown := set(phases) - set(PHASES):
+        parser.error(f"unknown phases {sorted(unknown)}; choose from {', '.join(PHASES)}")
+    variants: list[tuple[str, list[str]]] = [("", []), *(_variant(text, parser) for text in args.variant)]
     args.out.mkdir(parents=True, exist_ok=True)
     from adapters.demo_model import build_demo_model
 
@@ -257,15 +282,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_demo_model(args.model)
     results = []
     for preset in args.presets.split(","):
-        port = free_port()
-        with ManagedServer(f"tmem ({preset})", server_command(args.model, port, args.out, preset), port,
-                           args.out / f"server-{preset}.log") as server:
-            results.append(asyncio.run(bench_preset(server.url, preset, args.model, args.out)))
+        for suffix, extra in variants:
+            label = f"{preset}+{suffix}" if suffix else preset
+            port = free_port()
+            with ManagedServer(f"tmem ({label})", server_command(args.model, port, args.out, preset, label, extra),
+                               port, args.out / f"server-{label}.log") as server:
+                results.append(asyncio.run(bench_preset(server.url, label, args.model, args.out, phases)))
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print(table(results))
     print(f"plot: {plot(results, args.out / PLOT_FILE)}")
     print(json.dumps(headline(results)))
     return 0
+
+
+def _variant(text: str, parser: argparse.ArgumentParser) -> tuple[str, list[str]]:
+    label, sep, flags = text.partition("=")
+    if not sep or not label:
+        parser.error(f'--variant wants LABEL="FLAGS", got {text!r}')
+    return label, shlex.split(flags)
 
 
 if __name__ == "__main__":

@@ -262,8 +262,10 @@ class ChatService:
             # cancelled too, leaving the engine generating and the adapter pinned forever.
             with anyio.CancelScope(shield=True):
                 if not finished:
-                    # The reply was never delivered: the turn is not stored and the engine stops on it.
+                    # The reply was never delivered: the turn is not stored and the engine stops on it,
+                    # but what it generated until then is charged (the rate limiter settles on it).
                     await self.engine.abort(ctx.request_id)
+                    await self._count(ctx, len(prep.prompt_ids), n_out)
                 await holder.__aexit__(None, None, None)
 
     def _adapter(self, ctx: TurnContext, version: int) -> Any:

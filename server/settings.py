@@ -133,7 +133,8 @@ class Settings(BaseSettings):
     max_session_bytes: int = Field(16_000_000, ge=1024, description="bytes of messages one session may store")
     idempotency_ttl_s: int = Field(86_400, ge=1, description="how long an Idempotency-Key is remembered")
     max_idempotency_keys: int = Field(1024, ge=1, description="Idempotency-Keys remembered per session (newest)")
-    flush_timeout_s: float = Field(300.0, gt=0, description="longest a flush waits; a longer `timeout` is a 400")
+    flush_timeout_s: float = Field(
+        600.0, gt=0, le=600, description="longest a flush waits (and its default); a longer `timeout` is a 400")
     max_flushes_per_tenant: int = Field(4, ge=1, description="flushes one tenant may have waiting at once, per replica")
 
     # Keys, tenants and rate limits

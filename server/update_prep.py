@@ -97,7 +97,9 @@ class UpdatePreparer:
                  for m in await self.store.get_memories(job.tenant, job.sid, self.settings.max_memories)]
         taught = [QAPair(instruction=p["instruction"], output=p["output"]) for p in snap.teach_pairs]
         report = UpdateReport(pairs_taught=len(taught))
-        texts = chunk_turns(self.runtime.trainer.tokenizer, snap.new_turns, self.settings.extraction_chunk_tokens)
+        # In a thread: a long ingest tokenizes every turn, which would stall every stream on the event loop.
+        texts = await asyncio.to_thread(chunk_turns, self.runtime.trainer.tokenizer, snap.new_turns,
+                                        self.settings.extraction_chunk_tokens)
         started = time.perf_counter()
         chunks = await self._extract_all(job, snap, texts, [*known, *taught], report)
         report.timed("extract", time.perf_counter() - started)

@@ -104,7 +104,8 @@ def test_worker_killed_mid_update_twice_then_the_job_completes_exactly_once(
         assert flush(api, sid) == 1
         info = session_info(api.url, sid)
         assert info["turns"] == 2 and info["pending_updates"] == 0
-        assert store_call(redis_faults.url, "get_turns", "default", sid) == turns  # each turn once
+        stored = store_call(redis_faults.url, "get_turns", "default", sid)  # each with its token count too
+        assert [{"role": t["role"], "content": t["content"]} for t in stored] == turns  # each turn once
         assert assert_versions_verify(redis_faults.url, sid) == [1]  # one update, one verified version
         # Served from the one committed version (the random model's own extracted pairs and summary
         # were trained too, so the taught answers are not checked word for word here; see test_serving).

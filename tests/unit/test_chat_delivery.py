@@ -24,6 +24,7 @@ from test_prompting import FakeTokenizer
 from server.app import create_app
 from server.chat import ChatService, TurnContext
 from server.deps import Services
+from server.metrics import METRICS
 from server.settings import Settings
 from server.store import RedisStore
 
@@ -162,6 +163,14 @@ async def test_a_client_that_leaves_after_the_first_chunk_has_no_turn_stored(sto
     assert len(seen.events) == 1 and '"role":"assistant"' in seen.events[0]
     assert await stored(store, sid) == []
     assert len(engine.aborted) == 1  # the engine was told to stop generating
+
+
+async def test_a_stream_cut_short_by_its_client_is_charged_what_it_generated(store, sid) -> None:
+    app, _ = serve(store, FakeEngine(words=200, delay_s=0.005))
+    charged = METRICS.completion_tokens._value.get()
+    await post(app, sid, stream=True, leave=lambda events: len(events) >= 4)  # role + 3 words, then gone
+    # Counted (and so charged to the key's token budget by the rate limiter), not free; nor the whole reply.
+    assert 3 <= METRICS.completion_tokens._value.get() - charged < 200
 
 
 async def test_a_client_that_leaves_as_the_final_event_is_written_has_no_turn_stored(store, sid) -> None:
