@@ -19,7 +19,7 @@ sit side by side:
 - **cost**: seconds per update (the flush's wall time).
 
 `--variant` adds runs of each preset with extra `tmem serve` flags (for example
-`--variant pairs2="--extraction-max-pairs 2"`), labelled `preset+LABEL`, in the same run.
+`--variant pairs2="--extraction-max-pairs 2"`), labelled `preset-LABEL`, in the same run.
 Progress goes to stderr. Output: a table, `recall_bench.png`, `results.json` in --out, and last one
 JSON line of headline figures.
 """
@@ -174,6 +174,12 @@ def _kl(model_dir: Path, adapter_dir: Path) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
+async def judged(api: Api, sid: str, base: list[str], model: Path, out: Path) -> dict[str, Any]:
+    """A taught session's recall, retention and KL to the base model."""
+    return {"recall": await recall_of(api, sid, FACTS), "retention": await retention_of(api, sid, base),
+            "kl": await kl_to_base(api, sid, model, out)}
+
+
 async def bench_preset(url: str, preset: str, model: Path, out: Path,
                        phases: Sequence[str] = PHASES) -> dict[str, Any]:
     api = Api(url)
@@ -184,15 +190,11 @@ async def bench_preset(url: str, preset: str, model: Path, out: Path,
         if "teach" in phases:
             say(f"{preset}: teach {len(FACTS)} facts in one update")
             result["teach"] = await teach_once(api, f"{preset}-teach")
-            result["teach"] |= {"recall": await recall_of(api, f"{preset}-teach", FACTS),
-                                "retention": await retention_of(api, f"{preset}-teach", base),
-                                "kl": await kl_to_base(api, f"{preset}-teach", model, out)}
+            result["teach"] |= await judged(api, f"{preset}-teach", base, model, out)
         if "teach10" in phases:
             say(f"{preset}: teach the same facts 2 per update, 10 updates")
             result["teach10"] = await teach_successively(api, f"{preset}-teach10")
-            result["teach10"] |= {"recall": await recall_of(api, f"{preset}-teach10", FACTS),
-                                  "retention": await retention_of(api, f"{preset}-teach10", base),
-                                  "kl": await kl_to_base(api, f"{preset}-teach10", model, out)}
+            result["teach10"] |= await judged(api, f"{preset}-teach10", base, model, out)
         if "chat" in phases:
             say(f"{preset}: ingest a conversation stating the facts in passing")
             result["chat"] = await chat_ingest(api, f"{preset}-chat")
@@ -283,12 +285,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for preset in args.presets.split(","):
         for suffix, extra in variants:
-            label = f"{preset}+{suffix}" if suffix else preset
+            label = f"{preset}-{suffix}" if suffix else preset
             port = free_port()
             with ManagedServer(f"tmem ({label})", server_command(args.model, port, args.out, preset, label, extra),
                                port, args.out / f"server-{label}.log") as server:
                 results.append(asyncio.run(bench_preset(server.url, label, args.model, args.out, phases)))
-        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+            (args.out / "results.json").write_text(json.dumps(results, indent=1))  # kept if a later run fails
     print(table(results))
     print(f"plot: {plot(results, args.out / PLOT_FILE)}")
     print(json.dumps(headline(results)))

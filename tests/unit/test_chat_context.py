@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from redis_fixture import RedisServer
 from test_prompting import FakeTokenizer, conversation, fit_turns_before
 
 from server.chat import ChatService, TurnContext
@@ -26,20 +24,6 @@ from server.store import RedisStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 T = "acme"
-
-
-@pytest.fixture(scope="module")
-def redis_srv() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def store(redis_srv: RedisServer) -> AsyncIterator[RedisStore]:
-    s = RedisStore.from_url(redis_srv.url, prefix=f"t{uuid.uuid4().hex[:10]}", socket_timeout=2.0)
-    await s.ensure_group()
-    yield s
-    await s.aclose()
 
 
 def service(store: RedisStore, tokenizer: FakeTokenizer, **settings: Any) -> ChatService:

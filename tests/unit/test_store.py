@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +30,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 T = "default"
 HELLO = [{"role": "user", "content": "I moved to Lisbon."}, {"role": "assistant", "content": "Nice!"}]
 PAIR = {"instruction": "Where does Ann live?", "output": "Lisbon"}
-
-
-@pytest.fixture(scope="module")
-def redis_srv() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def store(redis_srv: RedisServer) -> AsyncIterator[RedisStore]:
-    s = RedisStore.from_url(redis_srv.url, prefix=f"t{uuid.uuid4().hex[:10]}", socket_timeout=2.0)
-    await s.ensure_group()
-    yield s
-    await s.aclose()
 
 
 async def append(store: RedisStore, sid: str, messages: list[dict[str, str]], **kwargs: Any) -> AppendResult:

@@ -9,7 +9,7 @@ import hashlib
 import json
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -39,12 +39,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 T = "default"
 HELLO = [{"role": "user", "content": "I moved to Lisbon."}, {"role": "assistant", "content": "Nice!"}]
 PAIR = {"instruction": "Where does Ann live?", "output": "Lisbon"}
-
-
-@pytest.fixture(scope="module")
-def redis_srv() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ worker whose A0 differs adopts the first's, a corrupted or misshapen stored A0 s
 from __future__ import annotations
 
 import sys
-import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,6 @@ from server.trainer_runtime import TrainerRuntime
 from server.worker import UpdateWorker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from redis_fixture import RedisServer
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -38,19 +35,6 @@ def runtime(model_dir: Path) -> TrainerRuntime:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     fast = FastWeightModel(model, FastWeightSpec(last_layers=1))
     return TrainerRuntime(fast, AutoTokenizer.from_pretrained(model_dir), TrainerConfig(anchors=0), "tiny")
-
-
-@pytest.fixture(scope="module")
-def redis_srv() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def store(redis_srv: RedisServer) -> AsyncIterator[RedisStore]:
-    s = RedisStore.from_url(redis_srv.url, prefix=f"t{uuid.uuid4().hex[:10]}", socket_timeout=2.0)
-    yield s
-    await s.aclose()
 
 
 def worker(store: RedisStore, rt: TrainerRuntime) -> UpdateWorker:

@@ -8,8 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sys
-import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,7 +24,6 @@ from server.update_prep import PreparedUpdate, UpdateReport
 from server.worker import UpdateWorker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from redis_fixture import RedisServer
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -60,20 +58,6 @@ class FakePreparer:
         snap = await self.store.claim_snapshot(job.tenant, job.sid)
         return PreparedUpdate(job, snap, supervision=["pair"], memories=[], summary="sum",  # type: ignore[list-item]
                               report=UpdateReport())
-
-
-@pytest.fixture(scope="module")
-def redis_srv() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def store(redis_srv: RedisServer) -> AsyncIterator[RedisStore]:
-    s = RedisStore.from_url(redis_srv.url, prefix=f"t{uuid.uuid4().hex[:10]}", socket_timeout=2.0)
-    await s.ensure_group()
-    yield s
-    await s.aclose()
 
 
 def make_worker(store: RedisStore, poison: set[str] = frozenset(), **settings: Any) -> UpdateWorker:  # type: ignore[assignment]

@@ -5,12 +5,12 @@ trainer's threads follow the engine's load."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
-import test_worker_isolation as isolation
 from test_worker_isolation import FakePreparer, FakeRuntime, queue
 
 from adapters.trainer import UpdateResult
@@ -20,7 +20,6 @@ from server.update_prep import PreparedUpdate
 from server.worker import UpdateWorker
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-redis_srv, store = isolation.redis_srv, isolation.store  # the same real redis-server fixtures
 
 
 class GatedRuntime(FakeRuntime):
@@ -64,47 +63,44 @@ async def wait_for(condition: Any, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_the_next_group_extracts_while_the_previous_one_trains(store: RedisStore) -> None:
+@contextlib.asynccontextmanager
+async def running(store: RedisStore, pipeline: int) -> AsyncIterator[tuple[UpdateWorker, GatedRuntime, TimedPreparer]]:
+    """A worker running on the stream with a gated trainer; 'first' is queued and training when it yields."""
     runtime = GatedRuntime()
-    worker = UpdateWorker(store, runtime, None, Settings(worker_pipeline=2), name="w1")  # type: ignore[arg-type]
+    worker = UpdateWorker(store, runtime, None, Settings(worker_pipeline=pipeline), name="w1")  # type: ignore[arg-type]
     preparer = worker.preparer = TimedPreparer(store, runtime)  # type: ignore[assignment]
     await queue(store, "default", "first")
-    running = asyncio.create_task(worker.run())
+    task = asyncio.create_task(worker.run())
     try:
         await wait_for(runtime.training.is_set)
+        yield worker, runtime, preparer
+    finally:
+        runtime.release.set()
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_the_next_group_extracts_while_the_previous_one_trains(store: RedisStore) -> None:
+    async with running(store, pipeline=2) as (worker, runtime, preparer):
         await queue(store, "default", "second")
         await wait_for(lambda: "second" in preparer.during_training)
         assert preparer.during_training == {"first": False, "second": True}
         runtime.release.set()
+        await wait_for(lambda: worker.jobs_done >= 2)
         for sid in ("first", "second"):
-            await wait_for(lambda sid=sid: worker.jobs_done >= 2)
             state = await store.get_session("default", sid)
             assert state is not None and state.adapter_version == 1
         assert runtime.most == 1  # the second group's training waited for the first pass to end
-    finally:
-        runtime.release.set()
-        worker.stop()
-        await asyncio.wait_for(running, 10)
 
 
 async def test_one_group_at_a_time_without_a_pipeline(store: RedisStore) -> None:
-    runtime = GatedRuntime()
-    worker = UpdateWorker(store, runtime, None, Settings(worker_pipeline=1), name="w1")  # type: ignore[arg-type]
-    preparer = worker.preparer = TimedPreparer(store, runtime)  # type: ignore[assignment]
-    await queue(store, "default", "first")
-    running = asyncio.create_task(worker.run())
-    try:
-        await wait_for(runtime.training.is_set)
+    async with running(store, pipeline=1) as (worker, runtime, preparer):
         await queue(store, "default", "second")
         await asyncio.sleep(1.0)
         assert "second" not in preparer.during_training  # claimed only after the first group is done
         runtime.release.set()
         await wait_for(lambda: worker.jobs_done >= 2)
         assert preparer.during_training["second"] is False
-    finally:
-        runtime.release.set()
-        worker.stop()
-        await asyncio.wait_for(running, 10)
 
 
 class Generator:

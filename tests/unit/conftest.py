@@ -1,0 +1,31 @@
+"""Fixtures the unit tests share: a real, private redis-server per module and a store on it per test."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from server.store import RedisStore
+
+# tests/ is not a package: its shared helpers are imported from the folder itself.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from redis_fixture import RedisServer
+
+
+@pytest.fixture(scope="module")
+def redis_srv() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def store(redis_srv: RedisServer) -> AsyncIterator[RedisStore]:
+    """A store under its own key prefix, so tests sharing the module's redis-server never see each other."""
+    s = RedisStore.from_url(redis_srv.url, prefix=f"t{uuid.uuid4().hex[:10]}", socket_timeout=2.0)
+    await s.ensure_group()
+    yield s
+    await s.aclose()
