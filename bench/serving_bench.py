@@ -44,7 +44,8 @@ from server.redis_proc import free_port
 
 CONCURRENCIES = (1, 8)  # stateless runs, ours and vLLM
 SESSION_CONCURRENCIES = (1, 4, 8)  # sessions chatting at once, for the update lag
-STAGES = ("queued", "extract", "summary", "train")  # from each update's report; commit and swap from /metrics
+# From each update's own report; commit and the hot swap come from /metrics.
+STAGES = ("queued", "extract", "summary", "train_wait", "train")
 PROBE_PROMPT = "Name three colours."
 SYSTEM = "You are a helpful assistant."  # sent to both servers so their prompts are built alike
 ENGINE_FLAGS = ["--dtype", "float32", "--gpu-memory-utilization", "0.08", "--max-model-len", "2048"]

@@ -52,7 +52,7 @@ class UpdateReport(BaseModel):
     summary: str = "unchanged"  # updated | unchanged | refused: <why>
     dropped: dict[str, int] = {}  # reason → count, for the pairs the filter dropped
     final_loss: float | None = None
-    # Seconds per stage (queued, extract, summary, train, commit): where an update's lag goes.
+    # Seconds per stage (queued, extract, summary, train_wait, train): where an update's lag goes.
     timings: dict[str, float] = {}
 
     def timed(self, stage: str, seconds: float) -> None:

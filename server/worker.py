@@ -241,8 +241,11 @@ class UpdateWorker:
         if not trainable:
             return
         items = [(p.b, p.supervision) for p in trainable]
+        waiting = time.perf_counter()
         async with self._training:
             started = time.perf_counter()
+            for p in trainable:  # behind the previous group's training pass (the pipeline's price)
+                p.report.timed("train_wait", started - waiting)
             results = await asyncio.to_thread(self.runtime.update_many, items)
         for p in trainable:  # one batched pass: each session waited for all of it
             p.report.timed("train", time.perf_counter() - started)

@@ -85,12 +85,16 @@ async def test_the_next_group_extracts_while_the_previous_one_trains(store: Redi
         await queue(store, "default", "second")
         await wait_for(lambda: "second" in preparer.during_training)
         assert preparer.during_training == {"first": False, "second": True}
+        await asyncio.sleep(0.3)  # the second group now waits for the trainer
         runtime.release.set()
         await wait_for(lambda: worker.jobs_done >= 2)
+        waits = {}
         for sid in ("first", "second"):
             state = await store.get_session("default", sid)
-            assert state is not None and state.adapter_version == 1
+            assert state is not None and state.adapter_version == 1 and state.last_update is not None
+            waits[sid] = state.last_update["timings"]["train_wait"]
         assert runtime.most == 1  # the second group's training waited for the first pass to end
+        assert waits["first"] < 0.1 < 0.25 < waits["second"]  # and its report says how long
 
 
 async def test_one_group_at_a_time_without_a_pipeline(store: RedisStore) -> None:
