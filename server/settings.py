@@ -135,7 +135,8 @@ class Settings(BaseSettings):
     max_idempotency_keys: int = Field(1024, ge=1, description="Idempotency-Keys remembered per session (newest)")
     flush_timeout_s: float = Field(
         600.0, gt=0, le=600, description="longest a flush waits (and its default); a longer `timeout` is a 400")
-    max_flushes_per_tenant: int = Field(4, ge=1, description="flushes one tenant may have waiting at once, per replica")
+    max_flushes_per_tenant: int = Field(
+        32, ge=1, description="flushes one tenant may have waiting at once, per replica (each polls Redis)")
 
     # Keys, tenants and rate limits
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
