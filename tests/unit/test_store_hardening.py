@@ -33,12 +33,10 @@ from server.store_errors import register_store_errors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from redis_fixture import RedisServer
+from test_store import HELLO, PAIR, T  # the same session material as the store tests
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-T = "default"
-HELLO = [{"role": "user", "content": "I moved to Lisbon."}, {"role": "assistant", "content": "Nice!"}]
-PAIR = {"instruction": "Where does Ann live?", "output": "Lisbon"}
 
 
 @pytest.fixture
