@@ -38,6 +38,7 @@ RUN python3 /tmp/build/server_requirements.py pyproject.toml > /tmp/build/requir
 
 # The package itself: the [server] extra, not [cpu] or [gpu]; vLLM comes from the base image.
 # `tmem --help` imports the CLI, settings and worker modules: a broken install fails the build.
+COPY tmem ./tmem
 COPY server ./server
 COPY adapters ./adapters
 COPY client ./client

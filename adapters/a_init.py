@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tmem.adapters.spec import FastWeightSpec
+from tmem.adapters.targets import Target
 from torch import Tensor, nn
-
-from adapters.spec import FastWeightSpec
-from adapters.targets import Target
 
 AInitFn = Callable[[Tensor, int, torch.Generator], Tensor]
 

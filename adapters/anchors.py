@@ -4,7 +4,7 @@ An update that sees only a session's facts learns more than the facts: every ans
 short and starts "Your ...", so the adapter pushes every reply that way ("What is the capital of
 France?" → "Your question is ..."). Mixing a few of the base model's own greedy answers to ordinary
 prompts into each update (self-distillation) tells the adapter what must not change. The prompts
-here are disjoint from the benchmark's retention prompts (`bench.recall_data.GENERAL_PROMPTS`), so
+here are disjoint from the benchmark's retention prompts (`tmem.bench.recall_data.GENERAL_PROMPTS`), so
 retention is measured on prompts the anchors never showed.
 """
 
@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from adapters.supervision import ContextPair, render_chat_ids
+from tmem.adapters.supervision import ContextPair, render_chat_ids
 
 ANCHOR_PROMPTS: tuple[str, ...] = (
     "What is the capital of Italy?",

@@ -18,7 +18,7 @@ Same semantics as `OnlineTrainer.update` run once per session, at a fraction of 
   Its loss is left out of the summed loss, and its NaN rows reach no other session's B.
 - **Frozen prefix reuse.** The states entering the first adapted block do not depend on B: they are
   computed once per update (no grad) and each step runs only the adapted blocks, the final norm and
-  the LM head (see `adapters.prefix`).
+  the LM head (see `tmem.adapters.prefix`).
 - **Logits where the loss is.** The LM head runs only at answer positions.
 
 Tolerance (float32, `b_tolerance`): the updated B equals `OnlineTrainer.update`'s within atol 1e-5 with
@@ -37,12 +37,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tmem.adapters.fast_weights import FastWeightModel, SessionB
+from tmem.adapters.prefix import DecoderStack, PrefixCache, pad_states
+from tmem.adapters.supervision import IGNORE_INDEX, Example, Supervision, encode_pairs
+from tmem.adapters.trainer import Schedule, TrainerConfig, UpdateResult, _make_optimizer, epoch_schedule, reached_target
 from torch import Tensor
-
-from adapters.fast_weights import FastWeightModel, SessionB
-from adapters.prefix import DecoderStack, PrefixCache, pad_states
-from adapters.supervision import IGNORE_INDEX, Example, Supervision, encode_pairs
-from adapters.trainer import Schedule, TrainerConfig, UpdateResult, _make_optimizer, epoch_schedule, reached_target
 
 DEFAULT_MAX_GROUP_SIZE = 16
 # Documented equivalence with OnlineTrainer.update in float32 (what the unit tests assert).

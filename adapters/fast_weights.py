@@ -9,11 +9,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tmem.adapters.a_init import load_or_compute_a0
+from tmem.adapters.spec import FastWeightSpec
+from tmem.adapters.targets import Target, adapted_layers, find_targets
 from torch import Tensor, nn
-
-from adapters.a_init import load_or_compute_a0
-from adapters.spec import FastWeightSpec
-from adapters.targets import Target, adapted_layers, find_targets
 
 SessionB = dict[str, Tensor]
 

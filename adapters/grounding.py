@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from adapters.extraction import QAPair, normalize_question
+from tmem.adapters.extraction import QAPair, normalize_question
 
 # Words that carry no fact: an answer made only of these says nothing the text must contain.
 _STOPWORDS = frozenset(

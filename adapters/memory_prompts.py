@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.extraction import QAPair
+from tmem.adapters.extraction import QAPair
 
 
 @dataclass(frozen=True)

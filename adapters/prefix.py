@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tmem.adapters.fast_weights import FastWeightModel
+from tmem.adapters.supervision import Example
+from tmem.adapters.targets import decoder_layers
 from torch import Tensor
-
-from adapters.fast_weights import FastWeightModel
-from adapters.supervision import Example
-from adapters.targets import decoder_layers
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 # Rows per no-grad prefix pass: bounds peak memory, large enough to keep the GEMMs efficient.

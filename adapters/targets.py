@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tmem.adapters.spec import FastWeightSpec
 from torch import nn
-
-from adapters.spec import FastWeightSpec
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+from tmem.adapters.fast_weights import FastWeightModel, SessionB
+from tmem.adapters.supervision import IGNORE_INDEX, Example, Supervision, collate, encode_pairs
 from torch import Tensor
-
-from adapters.fast_weights import FastWeightModel, SessionB
-from adapters.supervision import IGNORE_INDEX, Example, Supervision, collate, encode_pairs
 
 
 class TrainerConfig(BaseModel):
@@ -37,7 +36,7 @@ class TrainerConfig(BaseModel):
     # Stop a session's update after the first epoch whose mean loss is at or below this (None: all epochs).
     # Fewer steps once the pairs are learned: less drift of everything else, and a shorter update.
     target_loss: float | None = Field(None, ge=0)
-    # Anchor pairs (the base model's own answers to general prompts, `adapters.anchors`) mixed into
+    # Anchor pairs (the base model's own answers to general prompts, `tmem.adapters.anchors`) mixed into
     # every update, so what the session did not teach stays as it was.
     anchors: int = Field(0, ge=0, le=64)
     # Epochs that raw-text supervision (the fallback for chunks without pairs) takes part in.
@@ -48,9 +47,9 @@ class TrainerConfig(BaseModel):
 
 TrainerPresetName = Literal["default", "paper"]
 TRAINER_PRESETS: dict[str, TrainerConfig] = {
-    # The paper's settings for 4B–8B models: on SmolLM2-135M they teach 0 of 20 facts (bench.recall_bench).
+    # The paper's settings for 4B–8B models: on SmolLM2-135M they teach 0 of 20 facts (tmem.bench.recall_bench).
     "paper": TrainerConfig(),
-    # Calibrated on SmolLM2-135M-Instruct (bench.recall_bench; numbers in docs/recall.md): Adam learns
+    # Calibrated on SmolLM2-135M-Instruct (tmem.bench.recall_bench; numbers in docs/recall.md): Adam learns
     # in a few steps where SGD learns nothing, the early stop and clipping bound the drift, and 8
     # anchors keep general answers in the base model's own form.
     "default": TrainerConfig(optimizer="adam", lr=1e-3, epochs=12, batch_size=16, max_grad_norm=1.0,

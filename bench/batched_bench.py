@@ -1,6 +1,6 @@
 """Update speed: many sessions per forward, frozen-prefix reuse, head at answers — against one-by-one and PEFT.
 
-    python -m bench.batched_bench --out DIR [--quick] [--threads N] [--repeats N]
+    python -m tmem.bench.batched_bench --out DIR [--quick] [--threads N] [--repeats N]
 
 (a) Sessions updated per second (16 sessions × 8 pairs, 5 epochs SGD) at group sizes 1, 4 and 16 vs
     `OnlineTrainer.update` one session at a time, on the default tiny model (4 layers, all adapted) and
@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tmem.adapters.batched import BatchedTrainer, UpdateItem
+from tmem.adapters.fast_weights import FastWeightModel
+from tmem.adapters.supervision import Example, encode_pairs
+from tmem.adapters.tiny_model import build_tiny_model
+from tmem.adapters.trainer import OnlineTrainer, TrainerConfig, UpdateResult
+from tmem.bench.update_bench import PAIRS, ModelSize, load_base, load_tokenizer, peft_route, spec_for
 from tqdm import tqdm
-
-from adapters.batched import BatchedTrainer, UpdateItem
-from adapters.fast_weights import FastWeightModel
-from adapters.supervision import Example, encode_pairs
-from adapters.tiny_model import build_tiny_model
-from adapters.trainer import OnlineTrainer, TrainerConfig, UpdateResult
-from bench.update_bench import PAIRS, ModelSize, load_base, load_tokenizer, peft_route, spec_for
 
 SESSIONS, PAIRS_PER_SESSION, GROUP_SIZES = 16, 8, (1, 4, 16)
 FULL_SESSION_MODELS = (ModelSize("tiny", 4, 256), ModelSize("deep", 16, 256))
@@ -119,7 +118,7 @@ def update_flops(config: Any, first_adapted: int, rank: int, batches: Sequence[S
 
 def session_batches(examples: list[Example], config: TrainerConfig) -> list[list[Example]]:
     """The batches one session trains on, in OnlineTrainer's order."""
-    from adapters.trainer import epoch_schedule
+    from tmem.adapters.trainer import epoch_schedule
 
     return [[examples[i] for i in rows] for _, rows in epoch_schedule(examples, config)]
 
@@ -267,7 +266,7 @@ def headline(sessions: list[dict[str, Any]], peft: dict[str, Any]) -> dict[str, 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m bench.batched_bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tmem.bench.batched_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for results.json and the plot")
     parser.add_argument("--quick", action="store_true", help="small models for a smoke run")
     # One thread by default: on a shared 2-core machine a second spinning thread made runs 10x noisier.

@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tmem.bench import loadtest_report as report
+from tmem.bench.loadtest_report import LoadConfig, RequestRecord, RunResult, Target, build_plan, load_conversations
 from tqdm import tqdm
-
-from bench import loadtest_report as report
-from bench.loadtest_report import LoadConfig, RequestRecord, RunResult, Target, build_plan, load_conversations
 
 VERSION_HEADER = "X-TMEM-Adapter-Version"
 Message = dict[str, str]
@@ -434,7 +433,7 @@ def register(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.loadtest", description="multi-turn session load test")
+    parser = argparse.ArgumentParser(prog="python -m tmem.bench.loadtest", description="multi-turn session load test")
     add_arguments(parser)
     return cmd_loadtest(parser.parse_args(argv))
 

@@ -1,6 +1,6 @@
 """Does training beside serving hurt chat latency? Streaming TTFT while N other sessions' updates run.
 
-    python -m bench.overlap_bench --out DIR [--requests 20] [--worker-threads 1 [2 ...]] [--quick]
+    python -m tmem.bench.overlap_bench --out DIR [--requests 20] [--worker-threads 1 [2 ...]] [--quick]
 
 One `tmem serve` per worker-threads value (tiny model, fp32, inline worker, update group of 16). A
 calibration teaches one session alone and reads its training time from /metrics. 16 pairs and 3 epochs
@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-from bench.loadtest import send_turn
-from bench.loadtest_report import RequestRecord, quantiles
-from bench.serving_bench import ManagedServer, ensure_model, ours_command
-from server.redis_proc import free_port
+from tmem.bench.loadtest import send_turn
+from tmem.bench.loadtest_report import RequestRecord, quantiles
+from tmem.bench.serving_bench import ManagedServer, ensure_model, ours_command
+from tmem.server.redis_proc import free_port
 
 N_VALUES = (0, 4, 16)
 PLOT_FILE = "overlap_bench.png"
@@ -267,7 +266,7 @@ def report(out: Path, runs: list[Row], meta: Row) -> Row:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.overlap_bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tmem.bench.overlap_bench", description=__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", type=Path, default=Path(".cache/tiny-model"), help="built here if missing")

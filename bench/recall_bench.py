@@ -1,13 +1,13 @@
 """Do sessions remember, and stay the model they were? Recall and retention on the real model, per trainer preset.
 
-    python -m bench.recall_bench --out DIR [--presets paper,default] [--model .cache/demo-model]
+    python -m tmem.bench.recall_bench --out DIR [--presets paper,default] [--model .cache/demo-model]
         [--phases teach,teach10,chat] [--variant LABEL="--flag value ..."]...
 
 For each preset, one `tmem serve` (the demo model, SmolLM2-135M-Instruct, fp32) is started and used
 through its public API only; the presets run one after the other in the same run, so their numbers
 sit side by side:
 
-- **teach**: the 20 facts of `bench.recall_data` sent to `/memories` in one update, then asked with
+- **teach**: the 20 facts of `tmem.bench.recall_data` sent to `/memories` in one update, then asked with
   `X-TMEM-Context: none`, adapter on vs off (only the weights can answer).
 - **teach x10**: the same 20 facts taught 2 per update in 10 successive updates (B accumulates), asked
   again: does memory survive later updates?
@@ -37,10 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-from bench.recall_data import FACTS, GENERAL_PROMPTS, HELD_OUT_TEXT, first_words, recalled
-from bench.serving_bench import ManagedServer
-from server.redis_proc import free_port
+from tmem.bench.recall_data import FACTS, GENERAL_PROMPTS, HELD_OUT_TEXT, first_words, recalled
+from tmem.bench.serving_bench import ManagedServer
+from tmem.server.redis_proc import free_port
 
 PLOT_FILE = "recall_bench.png"
 CONCURRENCY = 8
@@ -52,7 +51,7 @@ PHASES = ("teach", "teach10", "chat")
 
 
 def server_command(model: Path, port: int, out: Path, preset: str, label: str, extra: Sequence[str] = ()) -> list[str]:
-    return [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", str(port),
+    return [sys.executable, "-m", "tmem.server.cli", "serve", "--model", str(model), "--port", str(port),
             "--dtype", "float32", "--gpu-memory-utilization", "0.25", "--max-model-len", "2048",
             "--context-tokens", "1536", "--trainer-preset", preset, "--redis-data-dir", str(out / f"redis-{label}"),
             "--a0-cache-dir", str(out / "a0"), *extra]
@@ -278,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown phases {sorted(unknown)}; choose from {', '.join(PHASES)}")
     variants: list[tuple[str, list[str]]] = [("", []), *(_variant(text, parser) for text in args.variant)]
     args.out.mkdir(parents=True, exist_ok=True)
-    from adapters.demo_model import build_demo_model
+    from tmem.adapters.demo_model import build_demo_model
 
     if args.model == Path(".cache/demo-model"):
         build_demo_model(args.model)

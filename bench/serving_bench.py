@@ -1,6 +1,6 @@
 """Serving cost of TMEM on the real model: `tmem serve` against vLLM's own OpenAI server, and update lag.
 
-    python -m bench.serving_bench --out DIR [--model DIR] [--session-turns 4] [--think 5] [--skip-vllm]
+    python -m tmem.bench.serving_bench --out DIR [--model DIR] [--session-turns 4] [--think 5] [--skip-vllm]
 
 The two servers run one after the other, never together (a small machine has no cores to spare).
 
@@ -36,11 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-from bench import loadtest_report as report
-from bench.loadtest import run_target, send_turn
-from bench.loadtest_report import LoadConfig, RequestRecord, Target, build_plan, load_conversations, quantiles
-from server.redis_proc import free_port
+from tmem.bench import loadtest_report as report
+from tmem.bench.loadtest import run_target, send_turn
+from tmem.bench.loadtest_report import LoadConfig, RequestRecord, Target, build_plan, load_conversations, quantiles
+from tmem.server.redis_proc import free_port
 
 CONCURRENCIES = (1, 8)  # stateless runs, ours and vLLM
 SESSION_CONCURRENCIES = (1, 4, 8)  # sessions chatting at once, for the update lag
@@ -102,7 +101,7 @@ def _signal_group(pgid: int, sig: int) -> bool:
 
 
 def ours_command(model: Path, port: int, out: Path, extra: Sequence[str] = ()) -> list[str]:
-    return [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
+    return [sys.executable, "-m", "tmem.server.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
             "--port", str(port), *ENGINE_FLAGS, "--context-tokens", "1536", "--update-policy", "every-turn",
             "--redis-data-dir", str(out / "redis"), "--a0-cache-dir", str(out / "a0"), *extra]
 
@@ -223,12 +222,12 @@ def ensure_model(model: Path) -> Path:
     if (model / "config.json").exists():
         return model
     if model.name == "tiny-model":
-        from adapters.tiny_model import build_tiny_model
+        from tmem.adapters.tiny_model import build_tiny_model
 
         print(f"building the tiny model in {model}", file=sys.stderr)
         build_tiny_model(model)
     else:
-        from adapters.demo_model import build_demo_model
+        from tmem.adapters.demo_model import build_demo_model
 
         build_demo_model(model)
     return model
@@ -356,7 +355,7 @@ def write_plot(out: Path, results: dict[str, Any]) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.serving_bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tmem.bench.serving_bench", description=__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", type=Path, default=Path(".cache/demo-model"), help="built here if missing")

@@ -1,9 +1,9 @@
-"""`python -m bench.soak`: session load for minutes while workers are killed and Redis restarts; then an audit.
+"""`python -m tmem.bench.soak`: session load for minutes while workers are killed and Redis restarts; then an audit.
 
-    python -m bench.soak --out out/soak [--minutes 10] [--sessions 8] [--concurrency 4] [--model DIR]
+    python -m tmem.bench.soak --out out/soak [--minutes 10] [--sessions 8] [--concurrency 4] [--model DIR]
 
 Starts its own redis-server (AOF, data in OUT/redis), `tmem serve --worker off` and one `tmem worker`, then
-sends streamed session turns (bench.loadtest's client; every user message unique) while faults run: the
+sends streamed session turns (tmem.bench.loadtest's client; every user message unique) while faults run: the
 worker is SIGKILLed at ~25% and ~60% of the run (a new one is started each time) and redis-server is stopped
 and started again on the same port and data dir at ~45%. A few pairs are taught to two sessions so real
 versions get written. At the end every session is flushed and Redis itself is audited: every acknowledged
@@ -35,11 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-from bench import loadtest
-from bench import loadtest_report as report
-from bench.loadtest_report import LoadConfig, RequestRecord, RunResult, Target
-from server.redis_proc import PrivateRedis, free_port
+from tmem.bench import loadtest
+from tmem.bench import loadtest_report as report
+from tmem.bench.loadtest_report import LoadConfig, RequestRecord, RunResult, Target
+from tmem.server.redis_proc import PrivateRedis, free_port
 
 ENGINE_FLAGS = ["--dtype", "float32", "--gpu-memory-utilization", "0.08", "--max-model-len", "2048",
                 "--context-tokens", "1536"]
@@ -61,7 +60,7 @@ class Child:
     """One `tmem` subprocess in its own process group, so a group kill also reaches vLLM's helpers."""
 
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str]) -> None:
-        self.cmd, self.log_path, self.env = [sys.executable, "-m", "server.cli", *args], log_path, env
+        self.cmd, self.log_path, self.env = [sys.executable, "-m", "tmem.server.cli", *args], log_path, env
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, ready: Callable[[], bool], timeout_s: float) -> None:
@@ -292,8 +291,8 @@ def classify_errors(records: list[RequestRecord], teach: list[tuple[float, int |
 
 async def audit(redis_url: str, load: SoakLoad, sessions: list[int]) -> dict[str, int]:
     """Read every session back from Redis and hold it against what the clients were told."""
-    from adapters.checkpoint import CheckpointError, decode_b
-    from server.store import RedisStore
+    from tmem.adapters.checkpoint import CheckpointError, decode_b
+    from tmem.server.store import RedisStore
 
     store, found = RedisStore.from_url(redis_url), dict.fromkeys(AUDIT_KEYS, 0)
     try:
@@ -434,7 +433,7 @@ def format_table(doc: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tmem.bench.soak", description=__doc__.splitlines()[0])
     a = parser.add_argument
     a("--out", type=Path, required=True, help="directory for report.json, soak.png, loadtest/, logs/, redis/")
     a("--minutes", type=float, default=10.0, help="how long the load runs")
@@ -450,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.model is None:
-        from adapters.tiny_model import build_tiny_model
+        from tmem.adapters.tiny_model import build_tiny_model
 
         args.model = build_tiny_model(out / "tiny-model", layers=4, hidden=256, seed=0)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below: no orphaned engines

@@ -1,13 +1,13 @@
 """Trainer settings side by side on the real model, in-process (no server): how each one trades recall for retention.
 
-    python -m bench.trainer_sweep --out DIR [--model .cache/demo-model] [--configs NAME,...]
+    python -m tmem.bench.trainer_sweep --out DIR [--model .cache/demo-model] [--configs NAME,...]
 
-Each configuration teaches the 20 facts of `bench.recall_data` to a fresh B with the server's own
-trainer (`BatchedTrainer`, anchors from `adapters.anchors`), either in one update or 2 per update over
+Each configuration teaches the 20 facts of `tmem.bench.recall_data` to a fresh B with the server's own
+trainer (`BatchedTrainer`, anchors from `tmem.adapters.anchors`), either in one update or 2 per update over
 10 successive updates (with the server's rehearsal of earlier memories, `replay`), then asks every
 fact (greedy, no context) and the 30 general prompts. Recall counts replies naming the fact's keyword;
 retention counts general replies whose first 8 words equal the base model's. This is the fast loop
-used to calibrate the `default` preset; `bench.recall_bench` measures the chosen presets end to end
+used to calibrate the `default` preset; `tmem.bench.recall_bench` measures the chosen presets end to end
 through the API. Output: a table, `trainer_sweep.png`, `results.json`, and one JSON line.
 """
 
@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from adapters.supervision import ContextPair, render_chat_ids
-from adapters.trainer import TrainerConfig
-from bench.recall_data import FACTS, GENERAL_PROMPTS, first_words, recalled
+from tmem.adapters.supervision import ContextPair, render_chat_ids
+from tmem.adapters.trainer import TrainerConfig
+from tmem.bench.recall_data import FACTS, GENERAL_PROMPTS, first_words, recalled
 
 ADAM = {"optimizer": "adam", "lr": 1e-3, "epochs": 12, "batch_size": 16, "max_grad_norm": 1.0, "target_loss": 0.2}
 # name → (trainer settings, successive updates?, memories rehearsed per update)
@@ -44,12 +43,11 @@ class Lab:
     """The frozen model, its fast weights and the base model's answers, loaded once."""
 
     def __init__(self, model_dir: Path, cache: Path) -> None:
+        from tmem.adapters.a_init import model_identity
+        from tmem.adapters.anchors import load_or_make_anchors
+        from tmem.adapters.fast_weights import FastWeightModel
+        from tmem.adapters.spec import FastWeightSpec
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from adapters.a_init import model_identity
-        from adapters.anchors import load_or_make_anchors
-        from adapters.fast_weights import FastWeightModel
-        from adapters.spec import FastWeightSpec
 
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
         self.model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -69,7 +67,7 @@ class Lab:
         return replies
 
     def run(self, name: str, settings: dict[str, Any], successive: bool, replay: int) -> dict[str, Any]:
-        from adapters.batched import BatchedTrainer
+        from tmem.adapters.batched import BatchedTrainer
 
         trainer = BatchedTrainer(self.fast, self.tokenizer, TrainerConfig(**settings), anchors=self.anchors)
         pairs = [ContextPair(f.question, f.answer) for f in FACTS]
@@ -127,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    from adapters.demo_model import build_demo_model
+    from tmem.adapters.demo_model import build_demo_model
 
     lab = Lab(build_demo_model(args.model) if args.model == Path(".cache/demo-model") else args.model,
               args.out / "cache")

@@ -1,6 +1,6 @@
 """Cost of one online update: our hooked trainer vs a plain PEFT training loop, and SVD vs random A0.
 
-    python -m bench.update_bench --out DIR [--quick] [--threads N] [--lr-curve 5e-3] [--max-steps 200]
+    python -m tmem.bench.update_bench --out DIR [--quick] [--threads N] [--lr-curve 5e-3] [--max-steps 200]
 
 Both routes train the same Δ = B·A0 (same A0, same examples, same batches and order, SGD on B only),
 so their final losses must agree; only the cost differs. The second part counts SGD steps until the
@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tmem.adapters.fast_weights import FastWeightModel
+from tmem.adapters.spec import AInit, FastWeightSpec
+from tmem.adapters.supervision import Example, collate, encode_pairs
+from tmem.adapters.tiny_model import build_tiny_model
+from tmem.adapters.trainer import OnlineTrainer, TrainerConfig
 from tqdm import tqdm
-
-from adapters.fast_weights import FastWeightModel
-from adapters.spec import AInit, FastWeightSpec
-from adapters.supervision import Example, collate, encode_pairs
-from adapters.tiny_model import build_tiny_model
-from adapters.trainer import OnlineTrainer, TrainerConfig
 
 PAPER_LAST_LAYERS = 4
 PLOT_FILE = "update_bench.png"
@@ -342,7 +341,7 @@ def headline(models: list[dict[str, Any]], curves: dict[str, Any]) -> dict[str, 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m bench.update_bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tmem.bench.update_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for results.json and the plot")
     parser.add_argument("--quick", action="store_true", help="small models for a smoke run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")

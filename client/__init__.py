@@ -2,7 +2,7 @@
 
 It needs only ``httpx`` and ``pydantic``::
 
-    from client import TMEMClient, NotFoundError
+    from tmem.client import TMEMClient, NotFoundError
 
     with TMEMClient("http://127.0.0.1:8000", api_key="sk-...") as tmem:
         alice = tmem.session("alice")

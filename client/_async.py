@@ -1,6 +1,6 @@
-"""The asynchronous client: a thin ``httpx.AsyncClient`` shell over :mod:`client._core`.
+"""The asynchronous client: a thin ``httpx.AsyncClient`` shell over :mod:`tmem.client._core`.
 
-It mirrors :mod:`client._sync` method for method; only the I/O calls are awaited.
+It mirrors :mod:`tmem.client._sync` method for method; only the I/O calls are awaited.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The synchronous client: a thin ``httpx.Client`` shell over :mod:`client._core`."""
+"""The synchronous client: a thin ``httpx.Client`` shell over :mod:`tmem.client._core`."""
 
 from __future__ import annotations
 

@@ -10,25 +10,26 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from tmem.server.auth import KeyRing, RateLimiter, StartupRefused, refuse_open_exposure
+from tmem.server.chat import ChatService
+from tmem.server.deps import Auth, Services
+from tmem.server.engine import Engine
+from tmem.server.errors import RequestIdMiddleware, ServiceUnavailable, install_error_handlers, register_exception
+from tmem.server.generation import EngineGenerator
+from tmem.server.limits import BodySizeLimit, HostAllowList, allowed_hosts
+from tmem.server.metrics import METRICS
+from tmem.server.pool import AdapterPool
+from tmem.server.redis_proc import PrivateRedis
+from tmem.server.routers import chat, sessions, system
+from tmem.server.sessions import SessionService
+from tmem.server.settings import Settings
+from tmem.server.store import RedisStore, StoreLimits, StoreUnavailable
+from tmem.server.store_errors import register_store_errors
+from tmem.server.store_jobs import StoreFull
+from tmem.server.trainer_runtime import TrainerRuntime
+from tmem.server.worker import UpdateWorker
 
-from server.auth import KeyRing, RateLimiter, StartupRefused, refuse_open_exposure
-from server.chat import ChatService
-from server.deps import Auth, Services
-from server.engine import Engine
-from server.errors import RequestIdMiddleware, ServiceUnavailable, install_error_handlers, register_exception
-from server.generation import EngineGenerator
-from server.limits import BodySizeLimit, HostAllowList, allowed_hosts
-from server.metrics import METRICS
-from server.pool import AdapterPool
-from server.redis_proc import PrivateRedis
-from server.routers import chat, sessions, system
-from server.sessions import SessionService
-from server.settings import Settings
-from server.store import RedisStore, StoreLimits, StoreUnavailable
-from server.store_errors import register_store_errors
-from server.store_jobs import StoreFull
-from server.trainer_runtime import TrainerRuntime
-from server.worker import UpdateWorker
+from tmem import __version__
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
         async with _running(app, settings):
             yield
 
-    app = FastAPI(title="TMEM server", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="TMEM server", version=__version__, lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(HostAllowList, hosts=allowed_hosts(settings))  # outside the body limit: no body read
     app.add_middleware(RequestIdMiddleware)

@@ -16,10 +16,9 @@ from typing import Any
 
 import anyio
 from fastapi.exceptions import RequestValidationError
-
-from server.errors import Forbidden, RateLimited, TMEMHTTPError, Unauthorized
-from server.limits import is_loopback
-from server.settings import Settings, check_api_key
+from tmem.server.errors import Forbidden, RateLimited, TMEMHTTPError, Unauthorized
+from tmem.server.limits import is_loopback
+from tmem.server.settings import Settings, check_api_key
 
 log = logging.getLogger(__name__)
 OPEN_TENANT = "default"

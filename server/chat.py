@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
-
-from server.auth import RateLimiter
-from server.engine import Engine
-from server.errors import Forbidden, InvalidRequest, NotFound, ServiceUnavailable
-from server.limits import check_max_tokens, check_messages
-from server.metrics import METRICS
-from server.pool import AdapterPool
-from server.prompting import (
+from tmem.server.auth import RateLimiter
+from tmem.server.engine import Engine
+from tmem.server.errors import Forbidden, InvalidRequest, NotFound, ServiceUnavailable
+from tmem.server.limits import check_max_tokens, check_messages
+from tmem.server.metrics import METRICS
+from tmem.server.pool import AdapterPool
+from tmem.server.prompting import (
     StoredMessage,
     TailFit,
     has_token_count,
@@ -28,13 +27,13 @@ from server.prompting import (
     system_tokens,
     with_token_counts,
 )
-from server.protocol import (
+from tmem.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
 )
-from server.settings import Settings
-from server.store import AppendResult, RedisStore, SessionState, request_fingerprint
+from tmem.server.settings import Settings
+from tmem.server.store import AppendResult, RedisStore, SessionState, request_fingerprint
 
 Message = dict[str, str]
 # Whether the client is still connected; asked before a delivered turn is stored.

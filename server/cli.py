@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-
-from server.settings import DEMO_MODEL_DIR, Settings
+from tmem.server.settings import DEMO_MODEL_DIR, Settings
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -54,9 +53,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from server.app import create_app
-    from server.auth import StartupRefused
+    from tmem.server.app import create_app
+    from tmem.server.auth import StartupRefused
 
     try:
         settings = settings_from_args(args)
@@ -70,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
-    from adapters.demo_model import DemoModelError, build_demo_model
+    from tmem.adapters.demo_model import DemoModelError, build_demo_model
 
     try:
         path = build_demo_model(args.dir, args.cache_dir)
@@ -82,7 +80,7 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from adapters.tiny_model import build_tiny_model
+    from tmem.adapters.tiny_model import build_tiny_model
 
     path = build_tiny_model(args.dir, layers=args.layers, hidden=args.hidden, seed=args.seed)
     print(f"tiny model written to {path}")
@@ -91,7 +89,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 def _ensure_model(model: str) -> None:
     """Build the demo model on first use at its default place; refuse any other missing local directory."""
-    from adapters.demo_model import DemoModelError, build_demo_model
+    from tmem.adapters.demo_model import DemoModelError, build_demo_model
 
     if model == DEMO_MODEL_DIR and not (Path(model) / "config.json").exists():
         try:
@@ -129,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Subcommands that live beside their code (worker, load test, evaluation)."""
-    from bench import loadtest
-    from bench.eval import cli as eval_cli
-    from server import worker_main
+    from tmem.bench import loadtest
+    from tmem.bench.eval import cli as eval_cli
+    from tmem.server import worker_main
 
     return [worker_main.register, loadtest.register, eval_cli.register]
 

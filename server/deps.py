@@ -8,14 +8,13 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Path, Request
-
-from server.auth import Caller, KeyRing, RateLimiter, service_may
-from server.chat import ChatService, TurnContext
-from server.errors import Forbidden, InvalidRequest, ServiceUnavailable
-from server.limits import completion_budget
-from server.pool import AdapterPool
-from server.settings import Settings
-from server.store import RedisStore
+from tmem.server.auth import Caller, KeyRing, RateLimiter, service_may
+from tmem.server.chat import ChatService, TurnContext
+from tmem.server.errors import Forbidden, InvalidRequest, ServiceUnavailable
+from tmem.server.limits import completion_budget
+from tmem.server.pool import AdapterPool
+from tmem.server.settings import Settings
+from tmem.server.store import RedisStore
 
 # Letters, digits and . _ : - ; never a path: ids only ever reach Redis keys and digests.
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_:\-][A-Za-z0-9._:\-]{0,127}$")

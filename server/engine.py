@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from server.settings import Dtype, Settings
+from tmem.server.settings import Dtype, Settings
 
 if TYPE_CHECKING:
     from vllm import RequestOutput, SamplingParams

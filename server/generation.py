@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 from typing import Any, Protocol
 
-from server.engine import Engine
-from server.pool import AdapterPool
-from server.prompting import render_ids
+from tmem.server.engine import Engine
+from tmem.server.pool import AdapterPool
+from tmem.server.prompting import render_ids
 
 
 class SessionGenerator(Protocol):

@@ -6,8 +6,8 @@ import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
-from server.errors import InvalidRequest, PayloadTooLarge
-from server.settings import Settings
+from tmem.server.errors import InvalidRequest, PayloadTooLarge
+from tmem.server.settings import Settings
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 

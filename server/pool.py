@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import load as load_tensors
-
-from adapters.checkpoint import CheckpointError, decode_b, read_metadata
-from adapters.peft_io import write_peft_dir
-from adapters.spec import FastWeightSpec
-from server.metrics import METRICS
-from server.store import RedisStore
+from tmem.adapters.checkpoint import CheckpointError, decode_b, read_metadata
+from tmem.adapters.peft_io import write_peft_dir
+from tmem.adapters.spec import FastWeightSpec
+from tmem.server.metrics import METRICS
+from tmem.server.store import RedisStore
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest

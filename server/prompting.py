@@ -3,7 +3,7 @@
 A stateless request is rendered exactly as the model's chat template renders the messages it was
 sent (what `vllm serve` does): no system text is injected. A session adds its memory (the summary)
 as a system message only when it has one; a template without a system role gets it at the start of
-the first user turn (`adapters.supervision.render_chat_ids` decides).
+the first user turn (`tmem.adapters.supervision.render_chat_ids` decides).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from adapters.supervision import render_chat_ids, template_default_system
+from tmem.adapters.supervision import render_chat_ids, template_default_system
 
 Message = dict[str, str]
 # A stored turn: role and content, and since issue 12 `tokens`, its content's token count.

@@ -9,14 +9,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from adapters.extraction import normalize_question
-from server.chat import ChatService
-from server.errors import InvalidRequest, NotFound, RateLimited, ServiceUnavailable
-from server.limits import check_messages
-from server.pool import AdapterPool
-from server.protocol import Memory, SessionInfo
-from server.settings import Settings
-from server.store import RedisStore, SessionState, request_fingerprint
+from tmem.adapters.extraction import normalize_question
+from tmem.server.chat import ChatService
+from tmem.server.errors import InvalidRequest, NotFound, RateLimited, ServiceUnavailable
+from tmem.server.limits import check_messages
+from tmem.server.pool import AdapterPool
+from tmem.server.protocol import Memory, SessionInfo
+from tmem.server.settings import Settings
+from tmem.server.store import RedisStore, SessionState, request_fingerprint
 
 _FLUSH_POLL_S = 0.05
 

@@ -9,10 +9,9 @@ from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-
-from adapters.memory_prompts import ExtractionFormat
-from adapters.spec import FastWeightSpec
-from adapters.trainer import TRAINER_PRESETS, TrainerConfig, TrainerPresetName
+from tmem.adapters.memory_prompts import ExtractionFormat
+from tmem.adapters.spec import FastWeightSpec
+from tmem.adapters.trainer import TRAINER_PRESETS, TrainerConfig, TrainerPresetName
 
 # `tmem demo-model` writes SmolLM2-135M-Instruct here; `tmem serve` builds it on first use.
 DEMO_MODEL_DIR = ".cache/demo-model"

@@ -11,8 +11,8 @@ bounded), `:ckpt:{n}` (hash: data, sha256, created_at; the newest `max_checkpoin
 `:idem:{key}` (string "request-sha256|result", TTL), `:idem` (sorted set of those keys by time, to
 bound their number), `:lock`, `:keys` (set of the dynamic keys above, so deletion needs no SCAN).
 Global: `{prefix}:a0v2:{identity}` (hash: data, sha256; written once); the job stream, its consumer
-group, the dead letters and the versions channel are in `server.store_jobs`. Lua scripts are in
-`server.store_scripts`.
+group, the dead letters and the versions channel are in `tmem.server.store_jobs`. Lua scripts are in
+`tmem.server.store_scripts`.
 
 Only `ensure_session` creates a session; every other write refuses a missing one, so a request or
 a worker still running when the session is deleted cannot bring it back. Storing a turn and queuing
@@ -37,9 +37,8 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
-
-from server import store_scripts as lua
-from server.store_jobs import (
+from tmem.server import store_scripts as lua
+from tmem.server.store_jobs import (
     Job,
     JobQueue,
     QueueFull,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.errors import (
+from tmem.server.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
@@ -10,7 +10,7 @@ from server.errors import (
     UnprocessableContent,
     register_exception,
 )
-from server.store import (
+from tmem.server.store import (
     A0Corrupt,
     IdempotencyKeyReused,
     InvalidIdempotencyKey,

@@ -28,8 +28,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-
-from server import store_scripts as lua
+from tmem.server import store_scripts as lua
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -69,7 +68,7 @@ class StoreLimits:
 
     @classmethod
     def from_settings(cls, settings: Any) -> StoreLimits:
-        """The limits configured in `server.settings.Settings` (duck-typed: the store does not import it)."""
+        """The limits configured in `tmem.server.settings.Settings` (duck-typed: the store does not import it)."""
         return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls) if hasattr(settings, f.name)})
 
 

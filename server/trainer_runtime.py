@@ -11,16 +11,15 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
-
-from adapters.a_init import model_identity
-from adapters.anchors import load_or_make_anchors
-from adapters.batched import BatchedTrainer
-from adapters.checkpoint import Checkpoint, decode_b, encode_b
-from adapters.fast_weights import FastWeightModel, SessionB
-from adapters.supervision import Supervision
-from adapters.trainer import OnlineTrainer, TrainerConfig, UpdateResult
-from server.settings import Settings
-from server.store import A0Corrupt
+from tmem.adapters.a_init import model_identity
+from tmem.adapters.anchors import load_or_make_anchors
+from tmem.adapters.batched import BatchedTrainer
+from tmem.adapters.checkpoint import Checkpoint, decode_b, encode_b
+from tmem.adapters.fast_weights import FastWeightModel, SessionB
+from tmem.adapters.supervision import Supervision
+from tmem.adapters.trainer import OnlineTrainer, TrainerConfig, UpdateResult
+from tmem.server.settings import Settings
+from tmem.server.store import A0Corrupt
 
 log = logging.getLogger(__name__)
 

@@ -15,24 +15,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
-
-from adapters.checkpoint import Checkpoint, CheckpointError
-from adapters.extraction import QAPair, parse_pairs, parse_summary
-from adapters.grounding import filter_pairs, pair_key
-from adapters.memory_prompts import (
+from tmem.adapters.checkpoint import Checkpoint, CheckpointError
+from tmem.adapters.extraction import QAPair, parse_pairs, parse_summary
+from tmem.adapters.grounding import filter_pairs, pair_key
+from tmem.adapters.memory_prompts import (
     EXAMPLE_PAIRS,
     as_user_question,
     build_extraction_messages,
     build_summary_messages,
     summary_refusal,
 )
-from adapters.supervision import ContextPair, RawText, Supervision
-from server.generation import SessionGenerator
-from server.metrics import METRICS
-from server.prompting import session_system
-from server.settings import Settings
-from server.store import Job, RedisStore, UpdateSnapshot
-from server.trainer_runtime import TrainerRuntime
+from tmem.adapters.supervision import ContextPair, RawText, Supervision
+from tmem.server.generation import SessionGenerator
+from tmem.server.metrics import METRICS
+from tmem.server.prompting import session_system
+from tmem.server.settings import Settings
+from tmem.server.store import Job, RedisStore, UpdateSnapshot
+from tmem.server.trainer_runtime import TrainerRuntime
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from server.generation import SessionGenerator
-from server.metrics import METRICS
-from server.settings import Settings
-from server.store import A0Corrupt, Job, RedisStore, StaleSnapshot, StoreUnavailable
-from server.trainer_runtime import TrainerRuntime
-from server.update_prep import PreparedUpdate, UpdatePreparer
+from tmem.server.generation import SessionGenerator
+from tmem.server.metrics import METRICS
+from tmem.server.settings import Settings
+from tmem.server.store import A0Corrupt, Job, RedisStore, StaleSnapshot, StoreUnavailable
+from tmem.server.trainer_runtime import TrainerRuntime
+from tmem.server.update_prep import PreparedUpdate, UpdatePreparer
 
 log = logging.getLogger(__name__)
 SessionKey = tuple[str, str]

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
-from server.settings import Settings, check_api_key
+from tmem.server.settings import Settings, check_api_key
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +55,15 @@ class HttpGenerator:
 
 
 async def run_worker(settings: Settings, api_url: str, api_key: str | None, metrics_port: int | None = None) -> None:
-    from server.store import RedisStore, StoreLimits
-    from server.trainer_runtime import TrainerRuntime
-    from server.worker import UpdateWorker
+    from tmem.server.store import RedisStore, StoreLimits
+    from tmem.server.trainer_runtime import TrainerRuntime
+    from tmem.server.worker import UpdateWorker
 
     if settings.redis_url is None:
         raise SystemExit("tmem worker needs --redis-url (the Redis the API replicas use)")
     if metrics_port:
         from prometheus_client import start_http_server
-
-        from server.metrics import METRICS
+        from tmem.server.metrics import METRICS
 
         # Update lag, losses and queue depth live in this process: Prometheus scrapes it here.
         start_http_server(metrics_port, registry=METRICS.registry)
@@ -118,7 +116,7 @@ def _read_key_file(path: Path) -> str:
 
 
 def register(sub: Any) -> None:
-    from server.cli import add_settings_flags, settings_from_args
+    from tmem.server.cli import add_settings_flags, settings_from_args
 
     parser: argparse.ArgumentParser = sub.add_parser("worker", help="run the update worker alone (scale-out)")
     add_settings_flags(parser)

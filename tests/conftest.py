@@ -23,7 +23,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(artifacts: Path) -> Path:
     """The default-size tiny model (4 layers, hidden 256, head_dim 64), built at run time."""
-    from adapters.tiny_model import build_tiny_model
+    from tmem.adapters.tiny_model import build_tiny_model
 
     return build_tiny_model(artifacts / "tiny-model", layers=4, hidden=256, seed=0)
 
@@ -31,7 +31,7 @@ def tiny_model_dir(artifacts: Path) -> Path:
 @pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
     """The real demo model (SmolLM2-135M-Instruct, fp32), built once into the repo's .cache by `make test`."""
-    from adapters.demo_model import build_demo_model
+    from tmem.adapters.demo_model import build_demo_model
 
     return build_demo_model(REPO / ".cache" / "demo-model", quiet=True)
 

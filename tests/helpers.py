@@ -10,8 +10,7 @@ from typing import Any
 
 import httpx
 import torch
-
-from server.store import RedisStore
+from tmem.server.store import RedisStore
 
 TENANT = "default"
 

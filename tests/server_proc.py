@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
-
-from server.redis_proc import free_port
+from tmem.server.redis_proc import free_port
 
 # A trainer config that learns a handful of pairs in one update on the random tiny model.
 TEST_TRAINER_FLAGS = ["--optimizer", "adam", "--lr", "0.01", "--epochs", "30", "--batch-size", "16"]
@@ -47,8 +46,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         base = flags if flags is not None else [*TEST_ENGINE_FLAGS, *TEST_WORKER_FLAGS, *TEST_TRAINER_FLAGS]
-        self.cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--redis-url", redis_url,
-                    "--port", str(self.port), *base, *(extra or [])]
+        self.cmd = [sys.executable, "-m", "tmem.server.cli", "serve", "--model", str(model_dir),
+                    "--redis-url", redis_url, "--port", str(self.port), *base, *(extra or [])]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 240.0) -> ServerProcess:
@@ -89,9 +88,9 @@ class WorkerProcess:
     def __init__(self, model_dir: Path, redis_url: str, api_url: str, log_path: Path,
                  extra: list[str] | None = None) -> None:
         self.log_path = log_path
-        self.cmd = [sys.executable, "-m", "server.cli", "worker", "--model", str(model_dir), "--redis-url", redis_url,
-                    "--api-url", api_url, "--dtype", "float32", *TEST_WORKER_FLAGS, *TEST_TRAINER_FLAGS,
-                    *(extra or [])]
+        self.cmd = [sys.executable, "-m", "tmem.server.cli", "worker", "--model", str(model_dir),
+                    "--redis-url", redis_url, "--api-url", api_url, "--dtype", "float32",
+                    *TEST_WORKER_FLAGS, *TEST_TRAINER_FLAGS, *(extra or [])]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 120.0) -> WorkerProcess:

@@ -1,6 +1,6 @@
 """Evaluation harness pieces for LoCoMo and LongMemEval: data loaders and answer scoring."""
 
-from bench.eval.datasets import (
+from tmem.bench.eval.datasets import (
     Conversation,
     HistorySession,
     Question,
@@ -8,7 +8,7 @@ from bench.eval.datasets import (
     load_locomo,
     load_longmemeval,
 )
-from bench.eval.scoring import (
+from tmem.bench.eval.scoring import (
     ScoreTable,
     exact_match,
     judge_messages,

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.eval.runner import MODES, EvalConfig, EvalRunner, Judge, RunSummary, parse_modes
+from tmem.bench.eval.runner import MODES, EvalConfig, EvalRunner, Judge, RunSummary, parse_modes
 
 DEFAULT_MODES = ",".join(MODES)
 
@@ -68,7 +68,7 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> list[Any]:
-    from bench.eval.datasets import load_locomo, load_longmemeval
+    from tmem.bench.eval.datasets import load_locomo, load_longmemeval
 
     if args.benchmark == "locomo":
         return load_locomo(args.data, args.conversations, args.questions)
@@ -79,7 +79,7 @@ def _load(args: argparse.Namespace) -> list[Any]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run, then print the table and write results.json and the chart."""
-    from bench.eval.report import CHART_FILE, TINY_MODEL_NOTE, build_results, plot_f1, write_results
+    from tmem.bench.eval.report import CHART_FILE, TINY_MODEL_NOTE, build_results, plot_f1, write_results
 
     # One INFO line per HTTP request (set up by `tmem`'s logging) would tear the progress bar apart.
     logging.getLogger("httpx").setLevel(logging.WARNING)

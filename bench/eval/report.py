@@ -12,8 +12,8 @@ from collections.abc import Container, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.eval.datasets import Conversation, Question
-from bench.eval.scoring import ScoreTable
+from tmem.bench.eval.datasets import Conversation, Question
+from tmem.bench.eval.scoring import ScoreTable
 
 ANSWERS_FILE = "answers.jsonl"
 RESULTS_FILE = "results.json"

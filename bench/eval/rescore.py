@@ -1,8 +1,8 @@
 """Re-score an eval run's answers independently of the harness, and compare with what it reported.
 
-    python -m bench.eval.rescore OUT   # OUT: a fresh --out of `tmem eval locomo` (answers.jsonl, results.json)
+    python -m tmem.bench.eval.rescore OUT   # OUT: a fresh --out of `tmem eval locomo` (answers.jsonl, results.json)
 
-The harness scores with its own standard-library code (`bench.eval.scoring`, a Porter stemmer written
+The harness scores with its own standard-library code (`tmem.bench.eval.scoring`, a Porter stemmer written
 afresh). This script shares none of it: it follows LoCoMo's published `task_eval/evaluation.py`
 (normalize → nltk's PorterStemmer → bag-of-tokens F1; multi-hop golds split on commas; open-domain
 golds cut at ";"; adversarial questions credited for an abstention) over nltk's own stemmer, then
@@ -87,7 +87,7 @@ def compare(ours: dict[str, dict[str, float]], theirs: dict[str, dict[str, float
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.eval.rescore", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tmem.bench.eval.rescore", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="the eval run's output directory")
     parser.add_argument("--tolerance", type=float, default=1e-6)

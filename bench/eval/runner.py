@@ -27,11 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from tqdm import tqdm
-
-from bench.eval.datasets import Conversation, Question
-from bench.eval.report import ANSWERS_FILE, AnswerLog, pending_questions, score_table, selection_keys
-from bench.eval.scoring import (
+from tmem.bench.eval.datasets import Conversation, Question
+from tmem.bench.eval.report import ANSWERS_FILE, AnswerLog, pending_questions, score_table, selection_keys
+from tmem.bench.eval.scoring import (
     ScoreTable,
     exact_match,
     is_abstention,
@@ -41,7 +39,8 @@ from bench.eval.scoring import (
     parse_judge,
     token_f1,
 )
-from client import BadRequestError, ServiceUnavailableError, Session, TMEMClient, TMEMError
+from tmem.client import BadRequestError, ServiceUnavailableError, Session, TMEMClient, TMEMError
+from tqdm import tqdm
 
 Message = dict[str, str]
 

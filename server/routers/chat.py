@@ -7,14 +7,13 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-
-from server.deps import ServicesDep, TurnDep
-from server.errors import (
+from tmem.server.deps import ServicesDep, TurnDep
+from tmem.server.errors import (
     ERROR_RESPONSES,
     ServiceUnavailable,
     error_chunk,
 )
-from server.protocol import SSE_DONE, ChatCompletionChunk, ChatCompletionRequest, sse_event
+from tmem.server.protocol import SSE_DONE, ChatCompletionChunk, ChatCompletionRequest, sse_event
 
 router = APIRouter(responses=ERROR_RESPONSES)
 VERSION_HEADER = "X-TMEM-Adapter-Version"

@@ -6,10 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
-
-from server.deps import SessionIdDep, TenantDep, get_services
-from server.errors import ERROR_RESPONSES
-from server.protocol import (
+from tmem.server.deps import SessionIdDep, TenantDep, get_services
+from tmem.server.errors import ERROR_RESPONSES
+from tmem.server.protocol import (
     DeleteResponse,
     FlushRequest,
     FlushResponse,
@@ -18,7 +17,7 @@ from server.protocol import (
     SessionMessagesRequest,
     TeachRequest,
 )
-from server.sessions import SessionService, session_info
+from tmem.server.sessions import SessionService, session_info
 
 router = APIRouter(prefix="/v1/sessions", responses=ERROR_RESPONSES)
 

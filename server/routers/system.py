@@ -5,12 +5,11 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Depends, Response
-
-from server.deps import ServicesDep, get_tenant
-from server.errors import ERROR_RESPONSES
-from server.metrics import METRICS
-from server.protocol import ModelCard, ModelList
-from server.store import StoreUnavailable
+from tmem.server.deps import ServicesDep, get_tenant
+from tmem.server.errors import ERROR_RESPONSES
+from tmem.server.metrics import METRICS
+from tmem.server.protocol import ModelCard, ModelList
+from tmem.server.store import StoreUnavailable
 
 router = APIRouter(responses=ERROR_RESPONSES)
 _STARTED = int(time.time())

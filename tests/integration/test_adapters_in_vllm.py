@@ -9,8 +9,7 @@ import pytest
 import torch
 from helpers import download_adapter, greedy, teach_and_flush, write_version
 from safetensors.torch import load_file
-
-from server.settings import Settings
+from tmem.server.settings import Settings
 
 pytestmark = pytest.mark.engine
 QUESTION = "What did you do last weekend with your sister?"
@@ -19,7 +18,7 @@ QUESTION = "What did you do last weekend with your sister?"
 @pytest.fixture(scope="module")
 def runtime(tiny_model_dir: Path, artifacts: Path) -> Any:
     """The trainer's runtime in the test process: same model, same spec, same A0 as the server's worker."""
-    from server.trainer_runtime import TrainerRuntime
+    from tmem.server.trainer_runtime import TrainerRuntime
 
     return TrainerRuntime.load(Settings(model=str(tiny_model_dir), a0_cache_dir=artifacts / "a0"))
 
@@ -98,7 +97,7 @@ def test_one_update_teaches_the_pairs_and_leaves_other_sessions_alone(server, re
                 for k, v in load_file(str(adapter / "adapter_model.safetensors")).items() if "lora_B" in k}
     import asyncio
 
-    from server.store import RedisStore
+    from tmem.server.store import RedisStore
 
     async def stored() -> Any:
         store = RedisStore.from_url(redis_main.url)

@@ -7,8 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from client import (
+from tmem.client import (
     AsyncTMEMClient,
     BadRequestError,
     NotFoundError,

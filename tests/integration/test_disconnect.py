@@ -17,8 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from helpers import session_info
-
-from server.store import RedisStore
+from tmem.server.store import RedisStore
 
 pytestmark = pytest.mark.engine
 

@@ -15,9 +15,8 @@ from typing import Any
 import httpx
 import pytest
 from helpers import greedy, teach_and_flush
-
-from bench.eval.datasets import load_locomo
-from server.cli import main as tmem_main
+from tmem.bench.eval.datasets import load_locomo
+from tmem.server.cli import main as tmem_main
 
 pytestmark = pytest.mark.engine
 

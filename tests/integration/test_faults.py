@@ -15,9 +15,8 @@ import redis
 from helpers import greedy, session_info, write_version
 from redis_fixture import RedisServer
 from server_proc import ServerProcess, WorkerProcess
-
-from server.settings import Settings
-from server.store import RedisStore
+from tmem.server.settings import Settings
+from tmem.server.store import RedisStore
 
 pytestmark = pytest.mark.engine
 FAST_LOCKS = ["--job-lock-ttl-ms", "1500", "--job-reclaim-idle-ms", "1000"]
@@ -58,7 +57,7 @@ def store_call(url: str, method: str, *args: Any) -> Any:
 
 def assert_versions_verify(redis_url: str, sid: str, skip: tuple[int, ...] = ()) -> list[int]:
     """Every stored version's checkpoint loads and matches its sha256 (bar ones corrupted on purpose)."""
-    from adapters.checkpoint import decode_b
+    from tmem.adapters.checkpoint import decode_b
 
     versions = store_call(redis_url, "list_versions", "default", sid)
     for version in versions:
@@ -156,7 +155,7 @@ def test_redis_going_away_gives_503_for_sessions_and_stateless_still_works(api, 
 
 def test_a_corrupted_checkpoint_is_refused_and_the_previous_version_served(
         api, redis_faults, tiny_model_dir, artifacts, sid) -> None:
-    from server.trainer_runtime import TrainerRuntime
+    from tmem.server.trainer_runtime import TrainerRuntime
 
     runtime = TrainerRuntime.load(Settings(model=str(tiny_model_dir), a0_cache_dir=artifacts / "a0"))
     import torch
@@ -196,7 +195,7 @@ def _metric(server: ServerProcess, name: str) -> float:
 
 def test_a_new_server_process_on_the_same_redis_serves_the_same_version_and_output(
         api, redis_faults, tiny_model_dir, artifacts, sid) -> None:
-    from server.trainer_runtime import TrainerRuntime
+    from tmem.server.trainer_runtime import TrainerRuntime
 
     runtime = TrainerRuntime.load(Settings(model=str(tiny_model_dir), a0_cache_dir=artifacts / "a0"))
     import torch

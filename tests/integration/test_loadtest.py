@@ -14,9 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-
-from bench import loadtest
-from server.redis_proc import free_port
+from tmem.bench import loadtest
+from tmem.server.redis_proc import free_port
 
 pytestmark = pytest.mark.engine
 
@@ -35,7 +34,7 @@ def assert_ordered(figures: dict[str, Any]) -> None:
 
 def test_session_load_report_table_and_plots(server, tmp_path: Path) -> None:
     out = tmp_path / "lt"
-    cmd = [sys.executable, "-m", "server.cli", "loadtest", "--url", server.url, "--sessions", "4", "--turns", "3",
+    cmd = [sys.executable, "-m", "tmem.server.cli", "loadtest", "--url", server.url, "--sessions", "4", "--turns", "3",
            "--concurrency", "2", "--max-tokens", "16", "--duration", "45", "--lag-timeout", "60",
            "--no-progress", "--out", str(out)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)

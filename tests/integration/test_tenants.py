@@ -87,7 +87,7 @@ def test_cross_tenant_matrix_never_reveals_another_tenants_session(keyed) -> Non
 
 
 def test_erasure_leaves_nothing_behind(keyed, redis_main, artifacts) -> None:
-    from server.pool import _dir_name
+    from tmem.server.pool import _dir_name
 
     sid = "to-forget"
     teach = {"pairs": [{"instruction": "What is my PIN?", "output": "Your PIN is 1234."}]}

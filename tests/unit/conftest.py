@@ -8,8 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-
-from server.store import RedisStore
+from tmem.server.store import RedisStore
 
 # tests/ is not a package: its shared helpers are imported from the folder itself.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from server.auth import OPEN_CALLER, OPEN_TENANT, KeyRing, StartupRefused, refuse_open_exposure, service_may
-from server.errors import Forbidden, Unauthorized
-from server.settings import Settings
+from tmem.server.auth import OPEN_CALLER, OPEN_TENANT, KeyRing, StartupRefused, refuse_open_exposure, service_may
+from tmem.server.errors import Forbidden, Unauthorized
+from tmem.server.settings import Settings
 
 ALICE, SERVICE = "alice-key-0123456789abcdef", "service-key-0123456789abcd"
 

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tmem.adapters.batched import BatchedTrainer, UpdateItem, b_tolerance, update_many
+from tmem.adapters.fast_weights import FastWeightModel, SessionB
+from tmem.adapters.prefix import PrefixCache
+from tmem.adapters.spec import FastWeightSpec
+from tmem.adapters.supervision import encode_pairs
+from tmem.adapters.tiny_model import build_tiny_model
+from tmem.adapters.trainer import OnlineTrainer, TrainerConfig, UpdateResult, answer_loss
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from adapters.batched import BatchedTrainer, UpdateItem, b_tolerance, update_many
-from adapters.fast_weights import FastWeightModel, SessionB
-from adapters.prefix import PrefixCache
-from adapters.spec import FastWeightSpec
-from adapters.supervision import encode_pairs
-from adapters.tiny_model import build_tiny_model
-from adapters.trainer import OnlineTrainer, TrainerConfig, UpdateResult, answer_loss
 
 SPEC = FastWeightSpec(last_layers=2)  # blocks 2 and 3 of 4: blocks 0-1 are the reusable prefix
 # Per-token loss equality: the same float32 math summed in a different order.
@@ -209,8 +208,8 @@ def test_malformed_b_is_refused_before_any_work(fast: FastWeightModel, tokenizer
 
 
 def test_raw_text_joins_only_the_first_raw_epochs(tokenizer) -> None:
-    from adapters.supervision import RawText
-    from adapters.trainer import epoch_schedule
+    from tmem.adapters.supervision import RawText
+    from tmem.adapters.trainer import epoch_schedule
 
     examples = encode_pairs(tokenizer, [*PAIRS[:3], RawText("Anna went hiking on Saturday.")], 512)
     raw = [i for i, ex in enumerate(examples) if ex.raw]

@@ -15,12 +15,11 @@ from typing import Any
 
 import pytest
 from test_prompting import FakeTokenizer, conversation, fit_turns_before
-
-from server.chat import ChatService, TurnContext
-from server.prompting import new_suffix, session_system
-from server.protocol import ChatCompletionRequest
-from server.settings import Settings
-from server.store import RedisStore
+from tmem.server.chat import ChatService, TurnContext
+from tmem.server.prompting import new_suffix, session_system
+from tmem.server.protocol import ChatCompletionRequest
+from tmem.server.settings import Settings
+from tmem.server.store import RedisStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 T = "acme"

@@ -19,13 +19,12 @@ from typing import Any
 
 import pytest
 from test_prompting import FakeTokenizer
-
-from server.app import create_app
-from server.chat import ChatService, TurnContext
-from server.deps import Services
-from server.metrics import METRICS
-from server.settings import Settings
-from server.store import RedisStore
+from tmem.server.app import create_app
+from tmem.server.chat import ChatService, TurnContext
+from tmem.server.deps import Services
+from tmem.server.metrics import METRICS
+from tmem.server.settings import Settings
+from tmem.server.store import RedisStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 T = "default"  # the tenant of a server without keys

@@ -15,9 +15,7 @@ from typing import Any, NamedTuple
 
 import httpx
 import pytest
-
-import client
-from client import (
+from tmem.client import (
     APIConnectionError,
     APIResponseValidationError,
     APIStatusError,
@@ -27,7 +25,9 @@ from client import (
     QAPair,
     TMEMClient,
 )
-from client._streaming import SSEDecoder
+from tmem.client._streaming import SSEDecoder
+
+from tmem import client
 
 Handler = Callable[[httpx.Request], httpx.Response]
 COMPLETION = {"id": "c1", "model": "m", "choices": [{"message": {"role": "assistant", "content": "hello"}}]}
@@ -470,7 +470,7 @@ def test_import_loads_nothing_heavy() -> None:
 
 
 def test_session_ablation_options_travel_as_headers_not_body() -> None:
-    from client._core import chat_plan
+    from tmem.client._core import chat_plan
 
     plan = chat_plan("Where do I live?", stream=False, session_id="alice",
                      params={"temperature": 0, "context": "none", "adapter": False, "record": False})

@@ -22,9 +22,8 @@ from typing import Any
 
 import pytest
 import yaml
-
-from server.metrics import METRICS
-from server.settings import Settings
+from tmem.server.metrics import METRICS
+from tmem.server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -471,8 +470,8 @@ def _settings_in(service: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Se
 def test_compose_gives_the_worker_the_service_key_the_api_accepts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from server.auth import KeyRing
-    from server.worker_main import worker_key
+    from tmem.server.auth import KeyRing
+    from tmem.server.worker_main import worker_key
 
     env = ENV_EXAMPLE.read_text() + f"TMEM_API_KEYS=team-a={TENANT_KEY},*={WORKER_KEY}\nTMEM_WORKER_KEY={WORKER_KEY}\n"
     config = _resolve_compose(tmp_path, env)
@@ -485,7 +484,7 @@ def test_compose_gives_the_worker_the_service_key_the_api_accepts(
 def test_compose_worker_without_a_key_runs_against_an_open_api(
     compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from server.worker_main import worker_key
+    from tmem.server.worker_main import worker_key
 
     assert worker_key(_settings_in(_service(compose, "worker"), monkeypatch)) is None
 

@@ -16,14 +16,13 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from redis_fixture import RedisServer
-
-from server.app import create_app
-from server.auth import StartupRefused
-from server.deps import Auth, Services
-from server.errors import InvalidRequest
-from server.protocol import ChatCompletionChunk, ChatCompletionResponse
-from server.settings import Settings
-from server.store import RedisStore
+from tmem.server.app import create_app
+from tmem.server.auth import StartupRefused
+from tmem.server.deps import Auth, Services
+from tmem.server.errors import InvalidRequest
+from tmem.server.protocol import ChatCompletionChunk, ChatCompletionResponse
+from tmem.server.settings import Settings
+from tmem.server.store import RedisStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -81,7 +80,7 @@ async def redis_client(redis_srv: RedisServer) -> AsyncIterator[aioredis.Redis]:
 
 def build(redis_client: aioredis.Redis | None = None, chat: FakeChat | None = None, **overrides: Any) -> Any:
     """The real app with fake services installed (its lifespan, which starts the engine, never runs)."""
-    from server.auth import RateLimiter
+    from tmem.server.auth import RateLimiter
 
     settings = Settings(**{"api_keys": KEYS, "redis_prefix": f"t{uuid.uuid4().hex[:8]}", **overrides})
     app = create_app(settings)
@@ -220,7 +219,7 @@ async def test_a_stream_cut_short_is_charged_and_a_refused_request_is_not(redis_
 
 async def test_a_cancelled_request_keeps_its_reservation(redis_client: aioredis.Redis) -> None:
     """A client that disconnects cancels the request: it is charged what it held, not nothing."""
-    from server.auth import Caller, RateLimiter
+    from tmem.server.auth import Caller, RateLimiter
 
     limiter = RateLimiter(redis_client, f"t{uuid.uuid4().hex[:8]}", 0, 500)
     entered = asyncio.Event()
@@ -255,7 +254,7 @@ class _DropsBetweenCommands:
 
 async def test_request_counter_always_expires(redis_client: aioredis.Redis) -> None:
     """INCR and EXPIRE are one script: a counter without expiry would lock its key out for good."""
-    from server.auth import Caller, RateLimiter
+    from tmem.server.auth import Caller, RateLimiter
 
     limiter = RateLimiter(_DropsBetweenCommands(redis_client), f"t{uuid.uuid4().hex[:8]}", 5, 0)
     for _ in range(3):

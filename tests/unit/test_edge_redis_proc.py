@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
-
-from server.redis_proc import DEFAULT_DATA_DIR, PrivateRedis
+from tmem.server.redis_proc import DEFAULT_DATA_DIR, PrivateRedis
 
 
 @pytest.fixture

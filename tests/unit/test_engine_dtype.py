@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from server.engine import serving_dtype
+from tmem.server.engine import serving_dtype
 
 
 @pytest.mark.parametrize(("requested", "served"), [("auto", "float32"), ("bfloat16", "bfloat16"),

@@ -11,8 +11,7 @@ import pytest
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
-
-from server.errors import (
+from tmem.server.errors import (
     REQUEST_ID_HEADER,
     ContextLengthExceeded,
     Forbidden,
@@ -27,7 +26,7 @@ from server.errors import (
     register_exception,
     to_http_error,
 )
-from server.protocol import SSE_DONE, ChatCompletionRequest, TeachRequest, sse_event
+from tmem.server.protocol import SSE_DONE, ChatCompletionRequest, TeachRequest, sse_event
 
 SECRET = "db-password=hunter2 at /srv/tmem/store.py"
 HI = [{"role": "user", "content": "hi"}]
@@ -209,7 +208,7 @@ def test_unauthorized_carries_a_bearer_challenge(client: TestClient) -> None:
 
 
 def test_an_unexpected_error_is_a_generic_500_and_logged(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.ERROR, logger="server.errors"):
+    with caplog.at_level(logging.ERROR, logger="tmem.server.errors"):
         response = client.get("/raise/runtime", headers={REQUEST_ID_HEADER: "req-trace-1"})
     assert response.status_code == 500
     error = error_of(response)

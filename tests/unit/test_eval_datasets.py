@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from bench.eval.datasets import Conversation, load_locomo, load_longmemeval
+from tmem.bench.eval.datasets import Conversation, load_locomo, load_longmemeval
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOCOMO_PATH = REPO_ROOT.parent / "shared/data/locomo10.json"

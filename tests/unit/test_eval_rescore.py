@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-from bench.eval.datasets import load_locomo
-from bench.eval.report import build_results, score_table
-from bench.eval.rescore import main as rescore_main
-from bench.eval.runner import score_answer
+from tmem.bench.eval.datasets import load_locomo
+from tmem.bench.eval.report import build_results, score_table
+from tmem.bench.eval.rescore import main as rescore_main
+from tmem.bench.eval.runner import score_answer
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "locomo10.json"
 

@@ -9,9 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
-
-from bench.eval.datasets import Conversation, HistorySession, Question, Turn
-from bench.eval.report import (
+from tmem.bench.eval.datasets import Conversation, HistorySession, Question, Turn
+from tmem.bench.eval.report import (
     AnswerLog,
     build_results,
     parse_answer_lines,
@@ -20,7 +19,7 @@ from bench.eval.report import (
     score_table,
     selection_keys,
 )
-from bench.eval.runner import (
+from tmem.bench.eval.runner import (
     EvalConfig,
     EvalRunner,
     Judge,
@@ -32,7 +31,7 @@ from bench.eval.runner import (
     split_for_limits,
     window_history,
 )
-from bench.eval.scoring import ScoreTable
+from tmem.bench.eval.scoring import ScoreTable
 
 
 def conversation(sample_id: str = "conv-1", n_questions: int = 3, n_sessions: int = 2) -> Conversation:

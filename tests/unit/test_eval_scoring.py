@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from bench.eval.scoring import (
+from tmem.bench.eval.scoring import (
     ScoreTable,
     exact_match,
     judge_messages,

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
-
-from adapters.extraction import (
+from tmem.adapters.extraction import (
     ExtractionLimits,
     ParseReport,
     QAPair,
@@ -18,7 +17,7 @@ from adapters.extraction import (
     parse_pairs,
     parse_summary,
 )
-from adapters.memory_prompts import ExtractionFormat
+from tmem.adapters.memory_prompts import ExtractionFormat
 
 ANN = ("Where does Ann live?", "Lisbon")
 BOB = ("Who is Bob?", "Ann's brother")

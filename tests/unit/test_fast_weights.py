@@ -7,15 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tmem.adapters.a_init import compute_a0, load_or_compute_a0
+from tmem.adapters.checkpoint import CheckpointError, decode_b, encode_b, read_metadata
+from tmem.adapters.fast_weights import FastWeightModel
+from tmem.adapters.peft_io import read_peft_dir, write_peft_dir
+from tmem.adapters.spec import FastWeightSpec
+from tmem.adapters.tiny_model import build_tiny_model
+from tmem.adapters.trainer import OnlineTrainer, TrainerConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from adapters.a_init import compute_a0, load_or_compute_a0
-from adapters.checkpoint import CheckpointError, decode_b, encode_b, read_metadata
-from adapters.fast_weights import FastWeightModel
-from adapters.peft_io import read_peft_dir, write_peft_dir
-from adapters.spec import FastWeightSpec
-from adapters.tiny_model import build_tiny_model
-from adapters.trainer import OnlineTrainer, TrainerConfig
 
 # fp32 forward of the same math in a different order (hook vs PEFT's LoRA layer).
 LOGIT_ATOL = 1e-4
@@ -213,7 +212,7 @@ def test_no_pairs_is_not_an_update(fast: FastWeightModel, tokenizer) -> None:
 
 
 def test_answer_only_labels(tokenizer) -> None:
-    from adapters.supervision import IGNORE_INDEX, encode_pair
+    from tmem.adapters.supervision import IGNORE_INDEX, encode_pair
 
     ex = encode_pair(tokenizer, PAIRS[0], 512)
     assert ex is not None

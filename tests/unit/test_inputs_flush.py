@@ -11,11 +11,10 @@ import time
 from typing import Any
 
 import pytest
-
-from server.errors import InvalidRequest, RateLimited, ServiceUnavailable
-from server.sessions import SessionService
-from server.settings import Settings
-from server.store import SessionState
+from tmem.server.errors import InvalidRequest, RateLimited, ServiceUnavailable
+from tmem.server.sessions import SessionService
+from tmem.server.settings import Settings
+from tmem.server.store import SessionState
 
 
 class PendingStore:

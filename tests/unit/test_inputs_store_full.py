@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 from redis.exceptions import OutOfMemoryError
-
-from server.app import create_app
-from server.errors import to_http_error
-from server.metrics import METRICS
-from server.settings import Settings
-from server.store import RedisStore, StoreUnavailable
-from server.store_jobs import StoreFull
+from tmem.server.app import create_app
+from tmem.server.errors import to_http_error
+from tmem.server.metrics import METRICS
+from tmem.server.settings import Settings
+from tmem.server.store import RedisStore, StoreUnavailable
+from tmem.server.store_jobs import StoreFull
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from redis_fixture import RedisServer

@@ -9,12 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from server.auth import KeyRing
-from server.cli import build_parser
-from server.cli import settings_from_args as cli_settings
-from server.settings import Settings
-from server.worker_main import HttpGenerator, worker_key
+from tmem.server.auth import KeyRing
+from tmem.server.cli import build_parser
+from tmem.server.cli import settings_from_args as cli_settings
+from tmem.server.settings import Settings
+from tmem.server.worker_main import HttpGenerator, worker_key
 
 KEY = "svc-7f3a9c1e5b2d4a6f8e0c"
 OTHER = "env-1b2c3d4e5f6a7b8c9d0e"

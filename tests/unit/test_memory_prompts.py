@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-
-from adapters.extraction import QAPair
-from adapters.grounding import filter_pairs, grounded
-from adapters.memory_prompts import (
+from tmem.adapters.extraction import QAPair
+from tmem.adapters.grounding import filter_pairs, grounded
+from tmem.adapters.memory_prompts import (
     EXAMPLE_PAIRS,
     ExtractionFormat,
     as_user_question,
@@ -17,7 +16,7 @@ from adapters.memory_prompts import (
     build_summary_messages,
     summary_refusal,
 )
-from adapters.supervision import (
+from tmem.adapters.supervision import (
     IGNORE_INDEX,
     ContextPair,
     RawText,
@@ -26,14 +25,13 @@ from adapters.supervision import (
     fold_system,
     render_chat_ids,
 )
-from server.update_prep import chunk_turns, pairs_summary
+from tmem.server.update_prep import chunk_turns, pairs_summary
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from tmem.adapters.tiny_model import build_tiny_model
     from transformers import AutoTokenizer
-
-    from adapters.tiny_model import build_tiny_model
 
     path = build_tiny_model(Path(tmp_path_factory.mktemp("tiny")) / "m", layers=2, hidden=128, seed=0)
     return AutoTokenizer.from_pretrained(path)
@@ -223,8 +221,8 @@ SMOL_TEMPLATE = (
 def test_the_templates_default_system_text_is_found_and_kept_before_the_memory(tokenizer) -> None:  # type: ignore[no-untyped-def]
     import copy
 
-    from adapters.supervision import template_default_system
-    from server.prompting import MEMORY_HEADER, session_system
+    from tmem.adapters.supervision import template_default_system
+    from tmem.server.prompting import MEMORY_HEADER, session_system
 
     assert template_default_system(tokenizer) is None  # the tiny model's template adds no system text
     smol = copy.copy(tokenizer)
@@ -238,7 +236,7 @@ def test_the_templates_default_system_text_is_found_and_kept_before_the_memory(t
 
 
 def test_rehearsal_replays_the_newest_earlier_memories_but_not_what_is_taught_now() -> None:
-    from server.update_prep import rehearsal
+    from tmem.server.update_prep import rehearsal
 
     known = [QAPair(instruction=f"Q{i}?", output=f"A{i}") for i in range(5)]
     known.append(QAPair(instruction="Q1?", output="newer"))  # a newer answer to Q1 replaces the older

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from bench.overlap_bench import (
+from tmem.bench.overlap_bench import (
     N_VALUES,
     PLOT_FILE,
     format_table,
@@ -22,7 +21,7 @@ from bench.overlap_bench import (
     train_stats,
     with_ratios,
 )
-from server.metrics import Metrics
+from tmem.server.metrics import Metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NO_TRAINING = {"train_s": 0.0, "train_passes": 0.0, "batched_passes": 0.0}

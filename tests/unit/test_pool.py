@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-import server.pool as pool_module
-from server.metrics import METRICS
-from server.pool import AdapterPool
+import tmem.server.pool as pool_module
+from tmem.server.metrics import METRICS
+from tmem.server.pool import AdapterPool
 
 T = "acme"
 

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-
-from server.prompting import (
+from tmem.server.prompting import (
     TailFit,
     fit_turns,
     render_fitting,
@@ -59,7 +58,7 @@ class FakeTokenizer:
 
 def fit_turns_before(tokenizer: Any, system: str | None, turns: Sequence[Message],
                      budget: int) -> tuple[list[int], int]:
-    """server.prompting.fit_turns at 71800ce, verbatim but for names: the reference window."""
+    """tmem.server.prompting.fit_turns at 71800ce, verbatim but for names: the reference window."""
     head: list[Message] = [{"role": "system", "content": system}] if system else []
     estimate = [len(tokenizer.encode(t["content"], add_special_tokens=False)) + 8 for t in turns]
     used = len(tokenizer.encode(system, add_special_tokens=False)) + 8 if system else 0

@@ -9,11 +9,9 @@ import openai.types.chat as oai
 import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from vllm.sampling_params import SamplingType
-
-from adapters.memory_prompts import ExtractionFormat
-from server.errors import ContextLengthExceeded, TMEMHTTPError, to_http_error
-from server.protocol import (
+from tmem.adapters.memory_prompts import ExtractionFormat
+from tmem.server.errors import ContextLengthExceeded, TMEMHTTPError, to_http_error
+from tmem.server.protocol import (
     MAX_SCHEMA_DEPTH,
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,
@@ -30,6 +28,7 @@ from server.protocol import (
     TeachRequest,
     sse_event,
 )
+from vllm.sampling_params import SamplingType
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -341,8 +340,7 @@ def test_session_requests_accept_good_bodies() -> None:
 
 def test_min_tokens_reaches_the_engine_and_may_not_exceed_max_tokens() -> None:
     from pydantic import ValidationError
-
-    from server.protocol import ChatCompletionRequest
+    from tmem.server.protocol import ChatCompletionRequest
 
     req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=20, min_tokens=10)
     assert req.to_sampling_params(16, 2048, 10).min_tokens == 10
@@ -352,8 +350,7 @@ def test_min_tokens_reaches_the_engine_and_may_not_exceed_max_tokens() -> None:
 
 def test_empty_stop_string_is_a_400_not_an_engine_error() -> None:
     from pydantic import ValidationError
-
-    from server.protocol import ChatCompletionRequest
+    from tmem.server.protocol import ChatCompletionRequest
 
     with pytest.raises(ValidationError, match="empty"):
         ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], stop=["ok", ""])

@@ -1,6 +1,6 @@
 """Session ids are the one client string that reaches Redis keys and the adapter pool: what may pass, what may not.
 
-The contract is written here independently of ``server.deps.SESSION_ID_RE`` (and matched with
+The contract is written here independently of ``tmem.server.deps.SESSION_ID_RE`` (and matched with
 ``re.fullmatch``, which — unlike ``$`` — does not let a trailing newline through), so the tests
 fail if the server's pattern drifts from it.
 """
@@ -13,10 +13,9 @@ import string
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-
-from server.deps import validate_session_id
-from server.errors import InvalidRequest
-from server.pool import _dir_name
+from tmem.server.deps import validate_session_id
+from tmem.server.errors import InvalidRequest
+from tmem.server.pool import _dir_name
 
 # The documented contract: 1-128 chars of letters, digits and . _ : - , not starting with '.'.
 CONTRACT = re.compile(r"[A-Za-z0-9_:\-][A-Za-z0-9._:\-]{0,127}")

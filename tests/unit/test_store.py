@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from server.store import (
+from tmem.server.store import (
     AppendResult,
     CommitResult,
     RedisStore,

@@ -13,9 +13,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
-from server.errors import to_http_error
-from server.store import (
+from tmem.server.errors import to_http_error
+from tmem.server.store import (
     A0Corrupt,
     AppendResult,
     IdempotencyKeyReused,
@@ -29,7 +28,7 @@ from server.store import (
     UpdateSnapshot,
     request_fingerprint,
 )
-from server.store_errors import register_store_errors
+from tmem.server.store_errors import register_store_errors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from redis_fixture import RedisServer

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from bench.update_bench import PAIRS, PLOT_FILE, main, steps_to_threshold
+from tmem.bench.update_bench import PAIRS, PLOT_FILE, main, steps_to_threshold
 
 HEADLINE_KEYS = {
     "bench",

@@ -10,16 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+from tmem.adapters.fast_weights import FastWeightModel
+from tmem.adapters.spec import FastWeightSpec
+from tmem.adapters.tiny_model import build_tiny_model
+from tmem.adapters.trainer import TrainerConfig
+from tmem.server.settings import Settings
+from tmem.server.store import A0Corrupt, RedisStore
+from tmem.server.trainer_runtime import TrainerRuntime
+from tmem.server.worker import UpdateWorker
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from adapters.fast_weights import FastWeightModel
-from adapters.spec import FastWeightSpec
-from adapters.tiny_model import build_tiny_model
-from adapters.trainer import TrainerConfig
-from server.settings import Settings
-from server.store import A0Corrupt, RedisStore
-from server.trainer_runtime import TrainerRuntime
-from server.worker import UpdateWorker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -15,13 +15,12 @@ from typing import Any
 
 import pytest
 import torch
-
-from adapters.checkpoint import Checkpoint
-from adapters.trainer import UpdateResult
-from server.settings import Settings
-from server.store import Job, RedisStore
-from server.update_prep import PreparedUpdate, UpdateReport
-from server.worker import UpdateWorker
+from tmem.adapters.checkpoint import Checkpoint
+from tmem.adapters.trainer import UpdateResult
+from tmem.server.settings import Settings
+from tmem.server.store import Job, RedisStore
+from tmem.server.update_prep import PreparedUpdate, UpdateReport
+from tmem.server.worker import UpdateWorker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

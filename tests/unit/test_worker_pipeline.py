@@ -12,12 +12,11 @@ from typing import Any
 
 import pytest
 from test_worker_isolation import FakePreparer, FakeRuntime, queue
-
-from adapters.trainer import UpdateResult
-from server.settings import Settings
-from server.store import Job, RedisStore
-from server.update_prep import PreparedUpdate
-from server.worker import UpdateWorker
+from tmem.adapters.trainer import UpdateResult
+from tmem.server.settings import Settings
+from tmem.server.store import Job, RedisStore
+from tmem.server.update_prep import PreparedUpdate
+from tmem.server.worker import UpdateWorker
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
