@@ -16,7 +16,7 @@ from tmem.server.engine import Engine
 from tmem.server.errors import Forbidden, InvalidRequest, NotFound, ServiceUnavailable
 from tmem.server.limits import check_max_tokens, check_messages
 from tmem.server.metrics import METRICS
-from tmem.server.pool import AdapterPool
+from tmem.server.pool import AdapterLease, AdapterPool
 from tmem.server.prompting import (
     StoredMessage,
     TailFit,
@@ -196,8 +196,9 @@ class ChatService:
         prep = await self.prepare(req, ctx)
         started = time.perf_counter()
         final = None
-        async with self._adapter(ctx, prep.version) as (served, lora):
-            async for output in self.engine.generate(prep.prompt_ids, prep.params, ctx.request_id, lora):
+        async with await self._lease(ctx, prep.version) as lease:
+            async for output in self.engine.generate(prep.prompt_ids, prep.params, ctx.request_id,
+                                                     lease.lora_request):
                 if final is None:
                     METRICS.ttft.observe(time.perf_counter() - started)
                 final = output
@@ -215,26 +216,26 @@ class ChatService:
             prompt_tokens=len(prep.prompt_ids),
             completion_tokens=n_out,
         )
-        return response, served
+        return response, lease.served_version
 
     async def stream(
         self, req: ChatCompletionRequest, ctx: TurnContext, connected: ConnectionCheck = _always_connected
     ) -> tuple[AsyncGenerator[ChatCompletionChunk, None], int]:
         """Prepare eagerly (so errors become HTTP errors), then return the chunk iterator and the version."""
         prep = await self.prepare(req, ctx)
-        holder = self._adapter(ctx, prep.version)
-        served, lora = await holder.__aenter__()
-        return self._chunks(req, ctx, prep, holder, lora, connected), served
+        lease = await self._lease(ctx, prep.version)
+        return self._chunks(req, ctx, prep, lease, connected), lease.served_version
 
     async def _chunks(
-        self, req: ChatCompletionRequest, ctx: TurnContext, prep: Prepared, holder: Any, lora: Any,
+        self, req: ChatCompletionRequest, ctx: TurnContext, prep: Prepared, lease: AdapterLease,
         connected: ConnectionCheck,
     ) -> AsyncGenerator[ChatCompletionChunk, None]:
         started, sent_len, n_out, completion = time.perf_counter(), 0, 0, None
         finished = False  # the engine is done with the request: nothing left to abort
         try:
             yield ChatCompletionChunk.build(ctx.request_id, prep.model, role="assistant")
-            async for output in self.engine.generate(prep.prompt_ids, prep.params, ctx.request_id, lora):
+            async for output in self.engine.generate(prep.prompt_ids, prep.params, ctx.request_id,
+                                                     lease.lora_request):
                 completion = output.outputs[0]
                 if sent_len == 0:
                     METRICS.ttft.observe(time.perf_counter() - started)
@@ -265,12 +266,13 @@ class ChatService:
                     # but what it generated until then is charged (the rate limiter settles on it).
                     await self.engine.abort(ctx.request_id)
                     await self._count(ctx, len(prep.prompt_ids), n_out)
-                await holder.__aexit__(None, None, None)
+                await lease.release()
 
-    def _adapter(self, ctx: TurnContext, version: int) -> Any:
+    async def _lease(self, ctx: TurnContext, version: int) -> AdapterLease:
+        """The adapter this turn is served with, held until its reply ends; the base model when it has none."""
         if ctx.session_id is None or version == 0:
-            return _NoAdapter()
-        return self.pool.use(ctx.tenant, ctx.session_id, version)
+            return AdapterLease.base_model()
+        return await self.pool.lease(ctx.tenant, ctx.session_id, version)
 
     async def finish_turn(self, ctx: TurnContext, new_messages: list[StoredMessage], reply: str,
                           connected: ConnectionCheck = _always_connected) -> bool:
@@ -367,12 +369,4 @@ async def _shielded(step: Coroutine[Any, Any, T]) -> T:
 def _log_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("storing a turn after its request was cancelled failed: %r", task.exception())
-
-
-class _NoAdapter:
-    async def __aenter__(self) -> tuple[int, None]:
-        return 0, None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
 

@@ -11,15 +11,12 @@ from tmem.server.prompting import render_ids
 
 
 class SessionGenerator(Protocol):
-    async def generate(
-        self,
-        tenant: str,
-        sid: str,
-        version: int,
-        messages: list[dict[str, str]],
-        max_tokens: int,
-        json_schema: dict[str, Any] | None = None,
-    ) -> str: ...
+    """What the update worker generates extraction and summaries with (this engine, or an API replica)."""
+
+    async def generate(self, tenant: str, sid: str, version: int, messages: list[dict[str, str]],
+                       max_tokens: int, json_schema: dict[str, Any] | None = None) -> str:
+        """Greedy text for `messages` from the session's adapter at `version`; JSON per `json_schema` if given."""
+        ...
 
     def serving_requests(self) -> int | None:
         """Requests the engine is generating now, or None when the engine runs elsewhere."""
@@ -35,15 +32,8 @@ class EngineGenerator:
     def serving_requests(self) -> int | None:
         return self.engine.active
 
-    async def generate(
-        self,
-        tenant: str,
-        sid: str,
-        version: int,
-        messages: list[dict[str, str]],
-        max_tokens: int,
-        json_schema: dict[str, Any] | None = None,
-    ) -> str:
+    async def generate(self, tenant: str, sid: str, version: int, messages: list[dict[str, str]],
+                       max_tokens: int, json_schema: dict[str, Any] | None = None) -> str:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
@@ -56,7 +46,8 @@ class EngineGenerator:
                       if (json_schema and self.structured) else None)
         params = SamplingParams(temperature=0.0, max_tokens=min(max_tokens, room), structured_outputs=structured)
         text = ""
-        async with self.pool.use(tenant, sid, version) as (_, lora):
-            async for output in self.engine.generate(ids, params, f"tmem-worker-{uuid.uuid4().hex}", lora):
+        async with await self.pool.lease(tenant, sid, version) as lease:
+            request_id = f"tmem-worker-{uuid.uuid4().hex}"
+            async for output in self.engine.generate(ids, params, request_id, lease.lora_request):
                 text = output.outputs[0].text
         return text

@@ -7,6 +7,7 @@ directory on tmpfs; load the new version first, then evict the old one once no r
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import json
@@ -14,7 +15,7 @@ import logging
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,39 @@ class Resident:
     doomed: bool = False
 
 
+class AdapterLease:
+    """One request's hold on an adapter version: what it serves, and `release()` once the request is over.
+
+    Also an async context manager. Releasing twice is harmless: only the first release unpins.
+    """
+
+    def __init__(self, served_version: int, lora_request: LoRARequest | None,
+                 unpin: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.served_version = served_version
+        self.lora_request = lora_request  # None: the bare base model
+        self._unpin = unpin
+
+    @classmethod
+    def base_model(cls) -> AdapterLease:
+        """The base model alone (version 0): nothing is pinned, so there is nothing to release."""
+        return cls(0, None)
+
+    @property
+    def released(self) -> bool:
+        return self._unpin is None
+
+    async def release(self) -> None:
+        unpin, self._unpin = self._unpin, None
+        if unpin is not None:
+            await unpin()
+
+    async def __aenter__(self) -> AdapterLease:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
+
+
 class AdapterPool:
     """Maps (tenant, session, version) to a loaded LoRARequest; evicts superseded versions when idle.
 
@@ -76,24 +110,23 @@ class AdapterPool:
         self._lock_users: dict[SessionKey, int] = {}
         self._a0: dict[str, dict[str, Any]] = {}
 
-    @asynccontextmanager
-    async def use(self, tenant: str, sid: str, version: int) -> AsyncIterator[tuple[int, LoRARequest | None]]:
+    async def lease(self, tenant: str, sid: str, version: int) -> AdapterLease:
         """Hold the session's adapter at `version` (or the newest earlier one that verifies) for one request.
 
-        Yields (served_version, lora); version 0 is the bare base model (lora None).
+        The lease serves version 0, the bare base model (no LoRARequest), when no version verifies.
+        Release it when the request ends: until then the version stays loaded and its directory stays.
         """
         resident = await self._pin(tenant, sid, version)
         if resident is None:
-            yield 0, None
-            return
-        try:
-            yield resident.version, resident.lora
-        finally:
-            resident.refs -= 1
-            if resident.doomed and resident.refs == 0:
-                await self._unload(resident, "deleted")
-            else:
-                await self._evict(resident.key)
+            return AdapterLease.base_model()
+        return AdapterLease(resident.version, resident.lora, functools.partial(self._unpin, resident))
+
+    async def _unpin(self, resident: Resident) -> None:
+        resident.refs -= 1
+        if resident.doomed and resident.refs == 0:
+            await self._unload(resident, "deleted")
+        else:
+            await self._evict(resident.key)
 
     @property
     def resident_count(self) -> int:
@@ -242,7 +275,7 @@ class AdapterPool:
             self._latest.pop(key, None)
         for resident in doomed:
             if resident.refs == 0:
-                await self._unload(resident, "deleted")  # in use: the request's release unloads it (see `use`)
+                await self._unload(resident, "deleted")  # in use: the last lease's release unloads it
 
 
 

@@ -59,9 +59,9 @@ def dirs(pool: AdapterPool) -> list[Path]:
 
 
 async def serve(pool: AdapterPool, sid: str, version: int = 1) -> str:
-    async with pool.use(T, sid, version) as (served, lora):
-        assert served == version and lora is not None
-        return str(lora.lora_name)
+    async with await pool.lease(T, sid, version) as lease:
+        assert lease.served_version == version and lease.lora_request is not None
+        return str(lease.lora_request.lora_name)
 
 
 async def test_the_least_recently_used_idle_version_goes_first(pool: AdapterPool) -> None:
@@ -80,7 +80,8 @@ async def test_the_least_recently_used_idle_version_goes_first(pool: AdapterPool
 
 async def test_a_version_in_use_is_never_evicted_and_goes_once_released(pool: AdapterPool) -> None:
     pool.max_resident = 1
-    async with pool.use(T, "held", 1) as (_, held):
+    async with await pool.lease(T, "held", 1) as lease:
+        held = lease.lora_request
         assert held is not None
         await serve(pool, "other")
         # Over the cap while `held` serves a request: its directory must stay for vLLM to re-read.
@@ -112,10 +113,34 @@ async def test_a_superseded_version_is_unloaded_by_its_session(pool: AdapterPool
 
 async def test_concurrent_sessions_over_the_cap_settle_back_under_it(pool: AdapterPool) -> None:
     async def chat(sid: str) -> None:
-        async with pool.use(T, sid, 1):
+        async with await pool.lease(T, sid, 1):
             await asyncio.sleep(0.01)
 
     await asyncio.gather(*(chat(f"c{i}") for i in range(8)))
     assert pool.resident_count == 2 and len(dirs(pool)) == 2
     assert len(pool.engine.loaded) == 2
     assert pool.tracked_sessions == 2
+
+
+async def test_a_lease_released_twice_unpins_once(pool: AdapterPool) -> None:
+    pool.max_resident = 1
+    first = await pool.lease(T, "twice", 1)
+    second = await pool.lease(T, "twice", 1)  # the same resident version, pinned by two requests
+    assert first.lora_request is second.lora_request
+    await first.release()
+    await first.release()  # a second release of the same lease must not drop the other request's pin
+    await serve(pool, "other")  # over the cap: only an unpinned version could be evicted now
+    assert second.lora_request is not None and second.lora_request.lora_int_id in pool.engine.loaded
+    await second.release()
+    await serve(pool, "other")
+    assert second.lora_request.lora_int_id not in pool.engine.loaded
+
+
+async def test_a_session_without_a_stored_version_leases_the_base_model(pool: AdapterPool) -> None:
+    async def no_version(tenant: str, sid: str, version: int) -> Any:
+        return None
+
+    pool.version_tensors = no_version  # type: ignore[method-assign]
+    lease = await pool.lease(T, "fresh", 3)
+    assert (lease.served_version, lease.lora_request, pool.resident_count) == (0, None, 0)
+    await lease.release()
