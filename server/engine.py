@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tmem.server.settings import Dtype, Settings
@@ -13,6 +15,54 @@ if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample one request, in the engine's terms but without vLLM (the protocol builds these)."""
+
+    max_tokens: int
+    temperature: float = 0.0  # vLLM samples greedily at 0
+    top_p: float = 1.0
+    min_tokens: int = 0
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    json_schema: dict[str, Any] | None = None
+    json_object: bool = False
+
+
+def sampling_params(sampling: Sampling) -> SamplingParams:
+    """vLLM's SamplingParams for `sampling`; vLLM's own checks (e.g. a malformed schema) raise ValueError."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import StructuredOutputsParams
+
+    structured = None
+    if sampling.json_schema is not None:
+        # Compact JSON (still valid JSON): free whitespace lets small models pad until max_tokens.
+        structured = StructuredOutputsParams(json=sampling.json_schema, disable_any_whitespace=True)
+    elif sampling.json_object:
+        structured = StructuredOutputsParams(json_object=True)
+    try:
+        return SamplingParams(
+            temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+            min_tokens=sampling.min_tokens, stop=list(sampling.stop), seed=sampling.seed,
+            presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
+            structured_outputs=structured,
+            # output_kind stays CUMULATIVE: the chat service diffs the text itself and times the first
+            # token on the first output, which FINAL_ONLY would not send.
+        )
+    except VLLMValidationError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def lora_request(name: str, lora_id: int, path: Path) -> LoRARequest:
+    """vLLM's handle of one adapter directory; `lora_id` must be unique while the adapter is loaded."""
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=str(path))
 
 
 class Engine:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Protocol
 
-from tmem.server.engine import Engine
+from tmem.server.engine import Engine, Sampling, sampling_params
 from tmem.server.pool import AdapterPool
 from tmem.server.prompting import render_ids
 
@@ -34,17 +34,12 @@ class EngineGenerator:
 
     async def generate(self, tenant: str, sid: str, version: int, messages: list[dict[str, str]],
                        max_tokens: int, json_schema: dict[str, Any] | None = None) -> str:
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-
         ids = render_ids(self.engine.tokenizer, messages)
         room = self.engine.max_model_len - len(ids)
         if room < 1:
             return ""  # the extraction prompt alone overflows the window: nothing to extract this time
-        # No free whitespace: a weak model otherwise pads the JSON with spaces until max_tokens.
-        structured = (StructuredOutputsParams(json=json_schema, disable_any_whitespace=True)
-                      if (json_schema and self.structured) else None)
-        params = SamplingParams(temperature=0.0, max_tokens=min(max_tokens, room), structured_outputs=structured)
+        schema = json_schema if (json_schema and self.structured) else None
+        params = sampling_params(Sampling(max_tokens=min(max_tokens, room), json_schema=schema))
         text = ""
         async with await self.pool.lease(tenant, sid, version) as lease:
             request_id = f"tmem-worker-{uuid.uuid4().hex}"

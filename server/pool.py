@@ -25,6 +25,7 @@ from safetensors.torch import load as load_tensors
 from tmem.adapters.checkpoint import CheckpointError, decode_b, read_metadata
 from tmem.adapters.peft_io import write_peft_dir
 from tmem.adapters.spec import FastWeightSpec
+from tmem.server.engine import lora_request
 from tmem.server.metrics import METRICS
 from tmem.server.store import RedisStore
 
@@ -194,10 +195,7 @@ class AdapterPool:
         # LoRA name (vLLM keys its prefix cache by name) or a directory with the old weights.
         path = self.adapter_dir / f"{_dir_name(tenant, sid, version)}-{lora_id}"
         await asyncio.to_thread(write_peft_dir, path, spec, layers, a0, b, self.base_model)
-        from vllm.lora.request import LoRARequest
-
-        lora = LoRARequest(lora_name=f"{tenant}/{sid}@v{version}#{lora_id}", lora_int_id=lora_id,
-                           lora_path=str(path))
+        lora = lora_request(f"{tenant}/{sid}@v{version}#{lora_id}", lora_id, path)
         await self.engine.add_lora(lora)  # load the new version before anything is evicted
         METRICS.hot_swap_seconds.observe(time.perf_counter() - started)
         resident = Resident((tenant, sid), version, lora, path)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from tmem.server.errors import UNSUPPORTED_PARAMETER, UNSUPPORTED_VALUE, ContextLengthExceeded, InvalidRequest
-from vllm.exceptions import VLLMValidationError
-from vllm.sampling_params import SamplingParams, StructuredOutputsParams
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
 
 SSE_DONE = "data: [DONE]\n\n"
 # Input bounds that keep one request from costing the engine more than its tokens: each stop string
@@ -228,33 +229,22 @@ class ChatCompletionRequest(_RequestModel):
                 "in the completion). Please reduce the length of the messages or completion.",
                 param="messages",
             )
-        max_tokens = self.max_tokens if self.max_tokens is not None else min(default_max_tokens, room)
-        try:
-            return SamplingParams(
-                temperature=self.temperature,  # vLLM samples greedily at 0
-                top_p=self.top_p,
-                max_tokens=max_tokens,
-                min_tokens=min(self.min_tokens, max_tokens),
-                stop=list(self.stop or []),
-                seed=self.seed,
-                presence_penalty=self.presence_penalty,
-                frequency_penalty=self.frequency_penalty,
-                structured_outputs=self._structured_outputs(),
-                # output_kind stays CUMULATIVE: the chat service diffs the text itself and times the
-                # first token on the first output, which FINAL_ONLY would not send.
-            )
-        except (ValueError, VLLMValidationError) as exc:  # vLLM's own checks, e.g. a malformed schema
-            raise InvalidRequest(str(exc)) from exc
+        from tmem.server.engine import Sampling, sampling_params  # vLLM is the engine module's alone
 
-    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        max_tokens = self.max_tokens if self.max_tokens is not None else min(default_max_tokens, room)
         fmt = self.response_format
-        if fmt is None or fmt.type == "text":
-            return None
-        if fmt.type == "json_object":
-            return StructuredOutputsParams(json_object=True)
-        assert fmt.json_schema is not None  # guaranteed by ResponseFormat's validator
-        # Compact JSON (still valid JSON): free whitespace lets small models pad until max_tokens.
-        return StructuredOutputsParams(json=fmt.json_schema.json_schema, disable_any_whitespace=True)
+        schema = fmt.json_schema.json_schema if fmt is not None and fmt.json_schema is not None else None
+        sampling = Sampling(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+            min_tokens=min(self.min_tokens, max_tokens), stop=tuple(self.stop or ()), seed=self.seed,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            json_schema=schema if fmt is not None and fmt.type == "json_schema" else None,
+            json_object=fmt is not None and fmt.type == "json_object",
+        )
+        try:
+            return sampling_params(sampling)
+        except ValueError as exc:  # vLLM's own checks, e.g. a malformed schema
+            raise InvalidRequest(str(exc)) from exc
 
 
 # --- chat responses --------------------------------------------------------------------------

@@ -10,8 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from tmem.adapters.memory_prompts import ExtractionFormat
-from tmem.adapters.spec import FastWeightSpec
-from tmem.adapters.trainer import TRAINER_PRESETS, TrainerConfig, TrainerPresetName
+from tmem.adapters.spec import TRAINER_PRESETS, FastWeightSpec, TrainerConfig, TrainerPresetName
 
 # `tmem demo-model` writes SmolLM2-135M-Instruct here; `tmem serve` builds it on first use.
 DEMO_MODEL_DIR = ".cache/demo-model"
@@ -42,6 +41,22 @@ def _default_adapter_dir() -> Path:
     base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(os.environ.get("TMPDIR", "/tmp"))
     return base / f"tmem-adapters-{os.getpid()}"
 
+
+# What `tmem worker` reads: the model and trainer, Redis, the update pipeline and its limits, its key.
+# The engine, HTTP, tenants' keys and rate limits belong to `tmem serve` alone, so the worker has no flag
+# for them (tests/unit/test_cli.py checks this list against the worker's code).
+WORKER_FIELDS = frozenset({
+    "model", "served_model_name", "redis_url", "redis_prefix", "a0_cache_dir", "system_prompt", "max_lora_rank",
+    "target_modules", "last_layers", "rank", "a_init", "trainer_preset", "optimizer", "lr", "epochs",
+    "batch_size", "train_seed", "max_train_seq_len",
+    "update_group_size", "worker_threads", "worker_pipeline", "prefix_cache_mb", "worker_idle_threads",
+    "supervision", "summary_mode", "extraction_max_pairs", "extraction_question_chars", "extraction_answer_chars",
+    "extraction_max_tokens", "extraction_known_pairs", "extraction_chunk_tokens",
+    "max_memories", "replay_memories", "summary_max_tokens", "summary_max_facts",
+    "job_reclaim_idle_ms", "job_lock_ttl_ms", "max_job_attempts", "tenant_updates_per_minute", "job_stream_maxlen",
+    "job_stale_after_s", "max_checkpoints", "max_session_messages", "max_session_bytes", "idempotency_ttl_s",
+    "max_idempotency_keys", "worker_key", "worker_key_file",
+})
 
 class Settings(BaseSettings):
     """TMEM server settings. Every field is `TMEM_<NAME>` in the environment and a `--flag` on the CLI."""

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from tmem.server.settings import Settings, check_api_key
+from tmem.server.flags import add_settings_flags, settings_from_args
+from tmem.server.settings import WORKER_FIELDS, Settings, check_api_key
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +117,9 @@ def _read_key_file(path: Path) -> str:
 
 
 def register(sub: Any) -> None:
-    from tmem.server.cli import add_settings_flags, settings_from_args
-
+    """Add `tmem worker`, with the flags of the settings it reads (WORKER_FIELDS) and its own."""
     parser: argparse.ArgumentParser = sub.add_parser("worker", help="run the update worker alone (scale-out)")
-    add_settings_flags(parser)
+    add_settings_flags(parser, WORKER_FIELDS)
     parser.add_argument("--api-url", required=True, help="an API replica used for extraction generation")
     parser.add_argument("--api-key", default=None,
                         help="service key for the API replica (prefer TMEM_WORKER_KEY or --worker-key-file)")

@@ -6,7 +6,8 @@ import os
 
 import pytest
 from pydantic import ValidationError
-from tmem.server.cli import build_parser, main, settings_from_args
+from tmem.server.cli import build_parser, main
+from tmem.server.flags import settings_from_args
 
 KEY = "alice-key-0123456789abcdef"
 SHORT_SECRET = "tiny-secret"  # under 16 characters: refused, and must not be printed while refusing

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tmem.server.auth import KeyRing
 from tmem.server.cli import build_parser
-from tmem.server.cli import settings_from_args as cli_settings
+from tmem.server.flags import settings_from_args as cli_settings
 from tmem.server.settings import Settings
 from tmem.server.worker_main import HttpGenerator, worker_key
 
