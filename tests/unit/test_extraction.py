@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -326,8 +327,15 @@ def assert_clean(report: ParseReport, limits: ExtractionLimits, known: list[QAPa
         assert pair.instruction == pair.instruction.strip() and pair.output == pair.output.strip()
         assert 0 < len(pair.instruction) <= limits.max_instruction_chars
         assert 0 < len(pair.output) <= limits.max_output_chars
-    assert report.dropped >= 0
-    assert report.ok or not report.pairs
+    # Every dropped item says why: one "item N: ..." problem each, or its share of the surplus line.
+    assert report.dropped == dropped_in_problems(report.problems), report.problems
+    assert report.ok or (not report.pairs and report.dropped == 0)
+
+
+def dropped_in_problems(problems: list[str]) -> int:
+    """How many dropped items the problems account for."""
+    surplus = [int(m[1]) for p in problems if (m := re.search(r"dropped (\d+) more items", p))]
+    return sum(p.startswith("item ") for p in problems) + sum(surplus)
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])

@@ -409,4 +409,6 @@ def test_a_schema_just_inside_the_depth_bound_is_accepted() -> None:
     # Each nested object property adds two levels (the property map, then the property's schema).
     levels = (MAX_SCHEMA_DEPTH - 1) // 2
     fmt = {"type": "json_schema", "json_schema": {"name": "deep", "schema": nested_schema(levels)}}
-    assert chat(response_format=fmt).response_format is not None
+    params = chat(response_format=fmt).to_sampling_params(16, 100, 10)
+    assert params.structured_outputs is not None
+    assert params.structured_outputs.json == nested_schema(levels)  # handed to the engine whole

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +28,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], dict[str, Any]]:
-    """One `--quick` run shared by the tests: (output dir, stdout lines, returned headline)."""
+    """One `--quick` run shared by the tests: (output dir, stdout lines, returned headline).
+
+    The run's own wall time is written beside its results, so a test can bound the timings it reports.
+    """
     out = tmp_path_factory.mktemp("update-bench")
     stdout = io.StringIO()
+    started = time.perf_counter()
     with contextlib.redirect_stdout(stdout):
         figures = main(["--quick", "--out", str(out), "--repeats", "2", "--max-steps", str(MAX_STEPS)])
+    (out / "wall_s.txt").write_text(str(time.perf_counter() - started))
     return out, stdout.getvalue().strip().splitlines(), figures
 
 
@@ -38,17 +45,28 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]
 def test_results_json_has_every_field(quick_run: tuple[Path, list[str], dict[str, Any]]) -> None:
     out, _, _ = quick_run
     results = json.loads((out / "results.json").read_text())
+    wall = float((out / "wall_s.txt").read_text())
     assert results["meta"]["quick"] is True
-    assert results["meta"]["trainer"]["lr"] == 5e-4 and results["meta"]["trainer"]["epochs"] == 5
+    epochs = results["meta"]["trainer"]["epochs"]
+    assert results["meta"]["trainer"]["lr"] == 5e-4 and epochs == 5
     assert [m["label"] for m in results["models"]] == ["tiny", "large"]
+    timed = 0.0
     for model in results["models"]:
-        assert model["examples"] == len(PAIRS) and model["answer_tokens"] > 0
+        assert model["examples"] == len(PAIRS) and model["answer_tokens"] >= len(PAIRS)  # each answer a token or more
         assert model["total_tokens"] > model["answer_tokens"]
-        assert model["speedup"] > 0 and model["speedup_best"] > 0
-        for route in ("ours", "peft"):
-            timing = model["routes"][route]
-            assert len(timing["seconds"]) == 2 and timing["s_per_update"] > 0
-            assert timing["answer_tok_s"] > 0 and timing["total_tok_s"] > timing["answer_tok_s"]
+        ours, peft = model["routes"]["ours"], model["routes"]["peft"]
+        assert model["speedup"] == pytest.approx(peft["s_per_update"] / ours["s_per_update"])
+        assert model["speedup_best"] == pytest.approx(peft["min_s"] / ours["min_s"])
+        for timing in (ours, peft):
+            # The figures are the measured seconds: median and best of the two repeats, rates derived from them.
+            assert len(timing["seconds"]) == 2
+            assert timing["s_per_update"] == pytest.approx(statistics.median(timing["seconds"]))
+            assert timing["min_s"] == min(timing["seconds"]) <= timing["s_per_update"]
+            assert timing["answer_tok_s"] == pytest.approx(model["answer_tokens"] * epochs / timing["s_per_update"])
+            assert timing["total_tok_s"] / timing["answer_tok_s"] == pytest.approx(
+                model["total_tokens"] / model["answer_tokens"])
+            timed += sum(timing["seconds"])
+    assert timed < wall  # the timed updates are part of the run, not more than it
     curves = results["curves"]
     assert curves["lr"] == 5e-3 and curves["threshold_fraction"] == 0.5
     for init in ("svd", "random"):
@@ -85,7 +103,14 @@ def test_last_stdout_line_is_the_headline(quick_run: tuple[Path, list[str], dict
     out, lines, figures = quick_run
     headline = json.loads(lines[-1])
     assert set(headline) == HEADLINE_KEYS and headline["bench"] == "update"
-    assert headline == figures == json.loads((out / "results.json").read_text())["headline"]
+    results = json.loads((out / "results.json").read_text())
+    assert headline == figures == results["headline"]
+    for model in results["models"]:  # the headline quotes the measured figures, rounded
+        label = model["label"]
+        assert headline[f"{label}_speedup"] == round(model["speedup"], 3)
+        assert headline[f"{label}_s_per_update"] == round(model["routes"]["ours"]["s_per_update"], 4)
+    assert [headline["svd_steps"], headline["random_steps"]] == [
+        results["curves"]["inits"][init]["steps_to_threshold"] for init in ("svd", "random")]
     assert any(line.startswith("tiny ") for line in lines) and any(line.startswith("large ") for line in lines)
 
 
