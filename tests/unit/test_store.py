@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from tmem.server.store import (
     CommitResult,
     RedisStore,
     StaleSnapshot,
+    StoreLimits,
     StoreUnavailable,
     UpdateSnapshot,
     VersionEvent,
@@ -29,6 +31,14 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 T = "default"
 HELLO = [{"role": "user", "content": "I moved to Lisbon."}, {"role": "assistant", "content": "Nice!"}]
 PAIR = {"instruction": "Where does Ann live?", "output": "Lisbon"}
+
+
+def stamped_between(stamp: float, before: float) -> bool:
+    """A stored timestamp is the time of the call that wrote it: after `before`, not after now.
+
+    10 ms of slack: a Lua script stores a number with 14 significant digits (0.1 ms at today's epoch).
+    """
+    return before - 0.01 <= stamp <= time.time() + 0.01
 
 
 async def append(store: RedisStore, sid: str, messages: list[dict[str, str]], **kwargs: Any) -> AppendResult:
@@ -67,10 +77,12 @@ async def commit(
 # -- sessions and turns ------------------------------------------------------------------------------
 async def test_ensure_creates_once_and_get_reads_it(store: RedisStore) -> None:
     assert await store.get_session(T, "alice") is None
+    before = time.time()
     states = await asyncio.gather(*(store.ensure_session(T, "alice") for _ in range(10)))
     assert len({s.created_at for s in states}) == 1  # concurrent creators agree on one session
     state = await store.get_session(T, "alice")
-    assert state is not None and state.created_at == states[0].created_at > 0
+    assert state is not None and state.created_at == states[0].created_at
+    assert stamped_between(state.created_at, before)
     assert (state.session_id, state.tenant, state.adapter_version, state.adapter_sha256) == ("alice", T, 0, None)
     assert (state.turns, state.absorbed_turns, state.teach_pending, state.pending_updates) == (0, 0, 0, 0)
     assert state.summary == "" and not state.job_pending and state.last_error is None
@@ -79,13 +91,15 @@ async def test_ensure_creates_once_and_get_reads_it(store: RedisStore) -> None:
 
 
 async def test_append_turns_counts_and_reads_back_in_order(store: RedisStore) -> None:
+    before = time.time()
     first = await append(store, "s", HELLO)
     second = await append(store, "s", [{"role": "user", "content": "Olá — ünïcode"}])
     assert (first, second) == (AppendResult(2, 2, False), AppendResult(3, 1, False))
     assert await store.get_turns(T, "s") == [*HELLO, {"role": "user", "content": "Olá — ünïcode"}]
     assert await store.get_turns(T, "s", 1, 1) == [HELLO[1]]
     state = await store.get_session(T, "s")
-    assert state is not None and state.turns == 3 and state.pending_updates == 3 and state.created_at > 0
+    assert state is not None and state.turns == 3 and state.pending_updates == 3
+    assert stamped_between(state.created_at, before)
 
 
 async def test_append_with_same_idempotency_key_stores_once(store: RedisStore) -> None:
@@ -98,7 +112,9 @@ async def test_append_with_same_idempotency_key_stores_once(store: RedisStore) -
     assert sum(not r.duplicate for r in racing) == 1
     assert {r.turns_total for r in racing} == {4}
     assert len(await store.get_turns(T, "s")) == 4
-    assert await store.client.ttl(f"{store.prefix}:{{{T}:s}}:idem:req-1") > 0
+    # The stored reply expires: within the configured window, and not already gone.
+    ttl = await store.client.ttl(f"{store.prefix}:{{{T}:s}}:idem:req-1")
+    assert StoreLimits().idempotency_ttl_s - 60 <= ttl <= StoreLimits().idempotency_ttl_s
 
 
 async def test_malformed_messages_and_pairs_are_refused_before_writing(store: RedisStore) -> None:
@@ -125,9 +141,11 @@ async def test_commit_with_checkpoint_bumps_version_by_exactly_one(store: RedisS
     assert snap.new_turns == HELLO and snap.teach_pairs == [PAIR] and snap.summary == ""
 
     blob = bytes(range(256)) * 4  # not UTF-8: must come back byte for byte
+    before = time.time()
     assert await commit(store, "s", snap, blob, "Ann lives in Lisbon.") == CommitResult(1, True)
     ckpt = await store.get_checkpoint(T, "s", 1)
-    assert ckpt is not None and ckpt.data == blob and ckpt.sha256 == sha(blob) and ckpt.created_at > 0
+    assert ckpt is not None and ckpt.data == blob and ckpt.sha256 == sha(blob)
+    assert stamped_between(ckpt.created_at, before)
     state = await store.get_session(T, "s")
     assert state is not None
     assert (state.adapter_version, state.adapter_sha256, state.absorbed_turns, state.teach_pending) == (
@@ -241,13 +259,14 @@ async def test_version_event_is_published_after_commit(store: RedisStore) -> Non
 # -- jobs --------------------------------------------------------------------------------------------
 async def test_enqueue_coalesces_until_the_worker_starts(store: RedisStore) -> None:
     await append(store, "s", HELLO)
+    before = time.time()
     assert await store.enqueue_update(T, "s", reason="turn") is True
     assert await store.enqueue_update(T, "s", reason="turn") is False
     state = await store.get_session(T, "s")
     assert state is not None and state.job_pending
     jobs = await store.read_jobs("w1", count=10)
     assert [(j.job_id, j.tenant, j.sid, j.reason, j.force) for j in jobs] == [(f"{T}:s:2:0", T, "s", "turn", False)]
-    assert jobs[0].enqueued_at > 0
+    assert stamped_between(jobs[0].enqueued_at, before)  # when it was queued
     await store.clear_pending_flag(T, "s")  # the worker starts the update
     await append(store, "s", HELLO)
     await teach(store, "s", [PAIR])
