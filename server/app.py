@@ -10,12 +10,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.types import Message, Receive, Scope, Send
+from tmem.server.asgi import HttpMiddleware
 from tmem.server.auth import KeyRing, RateLimiter, StartupRefused, refuse_open_exposure
 from tmem.server.chat import ChatService
 from tmem.server.deps import Auth, Services
 from tmem.server.engine import Engine
 from tmem.server.errors import RequestIdMiddleware, ServiceUnavailable, install_error_handlers, register_exception
 from tmem.server.generation import EngineGenerator
+from tmem.server.lifecycle import SessionLifecycle
 from tmem.server.limits import BodySizeLimit, HostAllowList, allowed_hosts
 from tmem.server.metrics import METRICS
 from tmem.server.pool import AdapterPool
@@ -44,15 +47,14 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with _running(app, settings):
+        async with _running(app, settings, keys):
             yield
 
     app = FastAPI(title="TMEM server", version=__version__, lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(HostAllowList, hosts=allowed_hosts(settings))  # outside the body limit: no body read
     app.add_middleware(RequestIdMiddleware)
-    app.state.auth = Auth(keys, RateLimiter(None, settings.redis_prefix, 0, 0))
-    if not app.state.auth.keys.enabled:
+    if not keys.enabled:
         log.warning("NO API KEYS CONFIGURED: the server is open to anyone who can reach it "
                     "(set TMEM_API_KEYS or --api-keys-file; --require-auth refuses to start without keys)")
     app.add_middleware(RequestCounter)
@@ -99,19 +101,13 @@ def _without_422(build: Any) -> Any:
     return openapi
 
 
-class RequestCounter:
-    """Pure ASGI (BaseHTTPMiddleware would hide client disconnects from streaming responses)."""
+class RequestCounter(HttpMiddleware):
+    """Counts requests by route template and status."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         status = {"code": 500}
 
-        async def capture(message: dict[str, Any]) -> None:
+        async def capture(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
             await send(message)
@@ -125,7 +121,7 @@ class RequestCounter:
 
 
 @asynccontextmanager
-async def _running(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
+async def _running(app: FastAPI, settings: Settings, keys: KeyRing) -> AsyncIterator[None]:
     private = None
     redis_url = settings.redis_url
     if redis_url is None:
@@ -140,15 +136,15 @@ async def _running(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
         await store.ensure_group()
         pool = AdapterPool(engine, store, settings.adapter_dir, settings.model_name, settings.max_resident_adapters)
         limiter = RateLimiter(store.client, settings.redis_prefix, settings.rate_limit_rpm, settings.rate_limit_tpm)
-        app.state.auth = Auth(app.state.auth.keys, limiter)
-        chat_service = ChatService(engine, pool, store, settings, limiter)
-        app.state.session_service = SessionService(store, pool, chat_service, settings)
+        lifecycle = SessionLifecycle(store, pool, engine.tokenizer, settings)
+        chat_service = ChatService(engine, lifecycle, pool, settings, limiter)
+        session_service = SessionService(lifecycle, store, pool, settings)
         if settings.worker == "inline":
             runtime = await asyncio.to_thread(TrainerRuntime.load, settings)
             generator = EngineGenerator(engine, pool, settings.extraction_structured)
             worker = UpdateWorker(store, runtime, generator, settings)
             worker_task = asyncio.create_task(worker.run(), name="tmem-update-worker")
-        app.state.services = Services(settings, chat_service, pool, store)
+        app.state.services = Services(settings, Auth(keys, limiter), chat_service, session_service, pool, store)
         log.info(
             "TMEM server ready: model=%s policy=%s worker=%s",
             settings.model_name,

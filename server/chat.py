@@ -13,27 +13,27 @@ from typing import Any, TypeVar
 import anyio
 from tmem.server.auth import RateLimiter
 from tmem.server.engine import Engine
-from tmem.server.errors import Forbidden, InvalidRequest, NotFound, ServiceUnavailable
+from tmem.server.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
+from tmem.server.lifecycle import SessionHistory, SessionLifecycle, counted
 from tmem.server.limits import check_max_tokens, check_messages
 from tmem.server.metrics import METRICS
 from tmem.server.pool import AdapterLease, AdapterPool
 from tmem.server.prompting import (
     StoredMessage,
     TailFit,
-    has_token_count,
     new_suffix,
     render_fitting,
     session_system,
     system_tokens,
-    with_token_counts,
 )
 from tmem.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    delivered_finish_reason,
 )
 from tmem.server.settings import Settings
-from tmem.server.store import AppendResult, RedisStore, SessionState, request_fingerprint
+from tmem.server.store import request_fingerprint
 
 Message = dict[str, str]
 # Whether the client is still connected; asked before a delivered turn is stored.
@@ -41,9 +41,6 @@ ConnectionCheck = Callable[[], Awaitable[bool]]
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 _HISTORY_TURNS = 400  # the most stored messages one prompt is built from
-_FIRST_PAGE = 32  # stored messages read in the first round trip; each later page doubles
-# vLLM's finish reasons of a complete reply; "abort" and "error" mean the reply was cut off.
-_DELIVERED_FINISH = ("stop", "length")
 
 
 async def _always_connected() -> bool:
@@ -73,71 +70,18 @@ class Prepared:
     model: str
 
 
-@dataclass
-class _History:
-    """Stored messages [start, end) of one session, read newest first in growing pages, each decoded once.
-
-    `older()` hands out what is loaded but not yet walked, else the next older page, so a walk that
-    stops early (the context budget is full) never reads or decodes the rest.
-    """
-
-    store: RedisStore | None = None
-    tenant: str = ""
-    sid: str = ""
-    start: int = 0
-    end: int = 0
-    loaded: list[StoredMessage] = field(default_factory=list)  # the newest len(loaded) messages
-    walked: int = 0  # of `loaded`, the newest this many were handed out by older()
-
-    @property
-    def size(self) -> int:
-        return self.end - self.start
-
-    async def all(self) -> list[StoredMessage]:
-        while await self._read_page():
-            pass
-        return self.loaded
-
-    async def older(self) -> list[StoredMessage]:
-        if self.walked == len(self.loaded) and not await self._read_page():
-            return []
-        page = self.loaded[: len(self.loaded) - self.walked]
-        self.walked = len(self.loaded)
-        return page
-
-    async def _read_page(self) -> bool:
-        top = self.end - len(self.loaded)
-        low = max(self.start, top - max(_FIRST_PAGE, len(self.loaded)))
-        if self.store is None or low >= top:
-            return False
-        page = await self.store.get_turns(self.tenant, self.sid, low, top - 1)
-        self.loaded[:0] = page
-        return bool(page)
-
-
 class ChatService:
     """Chat completions for stateless requests and sessions alike."""
 
-    def __init__(self, engine: Engine, pool: AdapterPool, store: RedisStore | None, settings: Settings,
+    def __init__(self, engine: Engine, sessions: SessionLifecycle, pool: AdapterPool, settings: Settings,
                  limiter: RateLimiter | None = None) -> None:
-        self.engine, self.pool, self.store, self.settings = engine, pool, store, settings
+        self.engine, self.sessions, self.pool, self.settings = engine, sessions, pool, settings
         self.limiter = limiter
-
-    async def open_session(self, tenant: str, sid: str) -> SessionState:
-        """The session's state, created on first use unless the tenant is at its session cap (403)."""
-        assert self.store is not None
-        state = await self.store.get_session(tenant, sid)
-        if state is not None:
-            return state
-        if await self.store.count_sessions(tenant) >= self.settings.max_sessions_per_tenant:
-            raise Forbidden(f"session limit reached: at most {self.settings.max_sessions_per_tenant} sessions "
-                            "per key; delete one first", code="session_limit_reached")
-        return await self.store.ensure_session(tenant, sid)
 
     def check_model(self, model: str | None) -> str:
         name = model or self.settings.model_name
         if name not in (self.settings.model_name, self.settings.model):
-            raise NotFound(f"The model `{name}` does not exist.", param="model", code="model_not_found")
+            raise ModelNotFound(name)
         return self.settings.model_name
 
     async def prepare(self, req: ChatCompletionRequest, ctx: TurnContext) -> Prepared:
@@ -152,21 +96,21 @@ class ChatService:
         dialogue = [m for m in sent if m["role"] != "system"]
         if not dialogue:
             raise InvalidRequest("messages must contain at least one user or assistant message", param="messages")
-        version, summary, history = 0, "", _History()
-        if ctx.session_id is not None and self.store is not None:
-            state = await self.open_session(ctx.tenant, ctx.session_id)
+        version, summary, history = 0, "", SessionHistory()
+        if ctx.session_id is not None:
+            state = await self.sessions.open(ctx.tenant, ctx.session_id)
             version = state.adapter_version if ctx.use_adapter else 0
             if ctx.use_context:
                 summary = state.summary
                 start = state.absorbed_turns if self.settings.update_policy == "context-budget" else 0
-                history = _History(self.store, ctx.tenant, ctx.session_id,
-                                   max(start, state.turns - _HISTORY_TURNS), state.turns)
-        new_messages = await self._counted(await _new_messages(history, dialogue))
+                history = self.sessions.history(ctx.tenant, ctx.session_id,
+                                                max(start, state.turns - _HISTORY_TURNS), state.turns)
+        new_messages = await counted(self.engine.tokenizer, await _new_messages(history, dialogue))
         prompt_ids = await self._fit(session_system(self.engine.tokenizer, system, summary), history, new_messages)
         params = req.to_sampling_params(self.settings.default_max_tokens, self.engine.max_model_len, len(prompt_ids))
         return Prepared(prompt_ids, params, version, new_messages, model)
 
-    async def _fit(self, system: str | None, history: _History, new_messages: list[StoredMessage]) -> list[int]:
+    async def _fit(self, system: str | None, history: SessionHistory, new_messages: list[StoredMessage]) -> list[int]:
         """The prompt: the system text and the newest turns that fit the context budget.
 
         Stored turns are read newest first, a page at a time, only until the budget is full; their
@@ -177,18 +121,12 @@ class ChatService:
         turns = list(new_messages)
         fits = fit.take(reversed(turns))
         while fits and (page := await history.older()):
-            page = await self._counted(page)
+            page = await counted(self.engine.tokenizer, page)
             turns[:0] = page
             fits = fit.take(reversed(page))
         kept = turns[len(turns) - fit.kept :]
         ids, _ = await asyncio.to_thread(render_fitting, tokenizer, system, kept, budget)
         return ids
-
-    async def _counted(self, messages: list[StoredMessage]) -> list[StoredMessage]:
-        """Messages with their token counts: stored ones carry theirs; the rest are counted off the event loop."""
-        if all(has_token_count(m) for m in messages):
-            return messages
-        return await asyncio.to_thread(with_token_counts, self.engine.tokenizer, messages)
 
     async def complete(self, req: ChatCompletionRequest, ctx: TurnContext,
                        connected: ConnectionCheck = _always_connected) -> tuple[ChatCompletionResponse, int]:
@@ -280,53 +218,15 @@ class ChatService:
 
         Storing and queuing are one step that a cancellation (the client leaving meanwhile) cannot split.
         """
-        if ctx.session_id is None or not ctx.record or self.store is None:
+        if ctx.session_id is None or not ctx.record:
             return False
         if not await connected():
             log.info("request %s: the client left before the end of its reply; turn not stored", ctx.request_id)
             return False
         turn = [*new_messages, {"role": "assistant", "content": reply}]
-        await _shielded(self.record(ctx.tenant, ctx.session_id, turn, ctx.idempotency_key, ctx.request_sha256,
-                                    reason="turn"))
+        await _shielded(self.sessions.record(ctx.tenant, ctx.session_id, turn, ctx.idempotency_key,
+                                             ctx.request_sha256, reason="turn"))
         return True
-
-    async def record(self, tenant: str, sid: str, messages: list[StoredMessage], idempotency_key: str | None,
-                     request_sha256: str, reason: str) -> AppendResult:
-        """Store messages with their token counts; when the policy wants an update, it is queued in the same
-        atomic step."""
-        assert self.store is not None
-        messages = await self._counted(messages)
-        adding = sum(int(m["tokens"]) for m in messages)
-        enqueue = reason if await self._wants_update(tenant, sid, adding) else None
-        return await self.store.append_turns(tenant, sid, messages, idempotency_key, request_sha256=request_sha256,
-                                             enqueue=enqueue)
-
-    async def maybe_enqueue(self, tenant: str, sid: str, reason: str) -> bool:
-        """Queue the session's update if the policy wants one now (see _wants_update)."""
-        assert self.store is not None
-        if not await self._wants_update(tenant, sid, adding=0):
-            return False
-        return await self.store.enqueue_update(tenant, sid, reason=reason)
-
-    async def _wants_update(self, tenant: str, sid: str, adding: int) -> bool:
-        """every-turn: always; context-budget: once the unabsorbed text, with `adding` tokens more, reaches
-        --context-tokens, or teach pairs wait.
-
-        Counts come from the stored turns' `tokens`, read newest first only until the budget is reached.
-        """
-        if self.settings.update_policy != "context-budget":
-            return True
-        assert self.store is not None
-        state = await self.store.get_session(tenant, sid)
-        if state is None:
-            return False
-        if state.teach_pending:
-            return True
-        needed = self.settings.context_tokens - adding
-        pending, total = _History(self.store, tenant, sid, state.absorbed_turns, state.turns), 0
-        while total < needed and (page := await pending.older()):
-            total += sum(int(m["tokens"]) for m in await self._counted(page))
-        return total >= needed
 
     async def _count(self, ctx: TurnContext, prompt: int, completion: int) -> None:
         METRICS.prompt_tokens.inc(prompt)
@@ -335,7 +235,7 @@ class ChatService:
             await self.limiter.add_tokens(ctx.tenant, prompt + completion)
 
 
-async def _new_messages(history: _History, dialogue: list[Message]) -> list[StoredMessage]:
+async def _new_messages(history: SessionHistory, dialogue: list[Message]) -> list[StoredMessage]:
     """What the request adds to the stored history (see new_suffix).
 
     Only a request sending more messages than the window holds can be a resent conversation; only then
@@ -348,7 +248,7 @@ async def _new_messages(history: _History, dialogue: list[Message]) -> list[Stor
 
 def _check_complete(finish_reason: str | None) -> None:
     """A reply the engine cut off (vLLM's "abort", "error") was not delivered whole: nothing is stored."""
-    if finish_reason not in _DELIVERED_FINISH:
+    if delivered_finish_reason(finish_reason) is None:
         raise ServiceUnavailable(f"the reply ended early (finish reason {finish_reason!r}); nothing was stored, "
                                  "retry the request", retry_after=1, code="generation_incomplete")
 

@@ -13,6 +13,7 @@ from tmem.server.chat import ChatService, TurnContext
 from tmem.server.errors import Forbidden, InvalidRequest, ServiceUnavailable
 from tmem.server.limits import completion_budget
 from tmem.server.pool import AdapterPool
+from tmem.server.sessions import SessionService
 from tmem.server.settings import Settings
 from tmem.server.store import RedisStore
 
@@ -22,16 +23,22 @@ SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_:\-][A-Za-z0-9._:\-]{0,127}$")
 
 @dataclass
 class Auth:
+    """Who may call (the API keys) and how much (the rate limiter)."""
+
     keys: KeyRing
     limiter: RateLimiter
 
 
 @dataclass
 class Services:
+    """What the routes serve with; the lifespan puts it on `app.state.services` once everything is up."""
+
     settings: Settings
+    auth: Auth
     chat: ChatService
+    sessions: SessionService
     pool: AdapterPool
-    store: RedisStore | None
+    store: RedisStore
 
 
 def validate_session_id(value: str | None, param: str = "X-Session-ID") -> str:
@@ -46,20 +53,24 @@ def validate_session_id(value: str | None, param: str = "X-Session-ID") -> str:
 
 
 def get_services(request: Request) -> Services:
+    """The app's services (503 while the server is still starting): the one way routes reach them."""
     services: Services | None = getattr(request.app.state, "services", None)
     if services is None:
         raise ServiceUnavailable("the server is still starting", retry_after=5)
     return services
 
 
-async def get_caller(request: Request, authorization: Annotated[str | None, Header()] = None,
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def get_caller(request: Request, services: ServicesDep, authorization: Annotated[str | None, Header()] = None,
                      x_tmem_tenant: Annotated[str | None, Header()] = None,
                      x_tmem_record: Annotated[str | None, Header()] = None) -> Caller:
     """The caller from its API key (401 otherwise), counted against its key's rate limit (429)."""
     cached: Caller | None = getattr(request.state, "caller", None)
     if cached is not None:
         return cached
-    auth: Auth = request.app.state.auth
+    auth = services.auth
     caller = auth.keys.caller(authorization, x_tmem_tenant)
     route = getattr(request.scope.get("route"), "path", "")
     if caller.service and not service_may(request.method, route, _recording(x_tmem_record)):
@@ -90,7 +101,7 @@ def header_session_id(x_session_id: Annotated[str | None, Header()] = None) -> s
 
 async def turn_context(
     request: Request,
-    services: Annotated[Services, Depends(get_services)],
+    services: ServicesDep,
     caller: Annotated[Caller, Depends(get_caller)],
     session_id: Annotated[str | None, Depends(header_session_id)],
     x_tmem_record: Annotated[str | None, Header()] = None,
@@ -101,8 +112,8 @@ async def turn_context(
     """The turn's context, with the caller's max_tokens held against its token limit until the reply ends."""
     ctx = _turn(request, caller.tenant, session_id, _recording(x_tmem_record), x_tmem_adapter, x_tmem_context,
                 idempotency_key)
-    auth: Auth = request.app.state.auth
-    async with auth.limiter.reservation(caller, completion_budget(await _json_body(request), services.settings)):
+    budget = completion_budget(await _json_body(request), services.settings)
+    async with services.auth.limiter.reservation(caller, budget):
         yield ctx
 
 
@@ -135,7 +146,11 @@ def _context_header(value: str | None) -> bool:
     return mode == "full"
 
 
-ServicesDep = Annotated[Services, Depends(get_services)]
+def get_session_service(services: ServicesDep) -> SessionService:
+    return services.sessions
+
+
 TenantDep = Annotated[str, Depends(get_tenant)]
 SessionIdDep = Annotated[str, Depends(path_session_id)]
 TurnDep = Annotated[TurnContext, Depends(turn_context)]
+SessionServiceDep = Annotated[SessionService, Depends(get_session_service)]

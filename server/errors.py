@@ -24,7 +24,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+from tmem.server.asgi import HttpMiddleware
 
 logger = logging.getLogger(__name__)
 
@@ -161,12 +162,6 @@ class ModelNotFound(NotFound):
 
     def __init__(self, model: str) -> None:
         super().__init__(f"The model `{model}` does not exist.", param="model")
-
-
-class Conflict(_FixedStatusError):
-    """409: the resource is in a state that forbids the request (e.g. a session being deleted)."""
-
-    STATUS, TYPE = 409, "conflict_error"
 
 
 class UnprocessableContent(_FixedStatusError):
@@ -334,7 +329,7 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
     return response
 
 
-class _ErrorBoundaryMiddleware:
+class _ErrorBoundaryMiddleware(HttpMiddleware):
     """Answer exceptions that no handler caught with their mapped error.
 
     Starlette hands an ``Exception`` handler to its outermost ServerErrorMiddleware, which answers
@@ -343,13 +338,7 @@ class _ErrorBoundaryMiddleware:
     already started (a stream, whose generator sends its own error chunk).
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def send_tracking(message: Message) -> None:
@@ -402,20 +391,14 @@ def current_request_id() -> str | None:
     return _request_id.get()
 
 
-class RequestIdMiddleware:
+class RequestIdMiddleware(HttpMiddleware):
     """Pure ASGI middleware: reuse a sane incoming ``X-Request-ID`` or make ``req_<hex>``.
 
     The id is stored in ``request.state.request_id`` and in a contextvar (see
     :func:`current_request_id`) and set on every response, error responses included.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         incoming = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
         request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else f"req_{uuid.uuid4().hex}"
         scope.setdefault("state", {})["request_id"] = request_id

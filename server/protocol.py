@@ -257,11 +257,13 @@ def _completion_id(request_id: str | None = None) -> str:
     return f"chatcmpl-{request_id or uuid.uuid4().hex}"
 
 
-def _finish(engine_reason: str | None) -> FinishReason | None:
-    """OpenAI's finish reason for vLLM's (``"stop"``, ``"length"``, ``"abort"`` or ``None`` while running)."""
-    if engine_reason is None:
-        return None
-    return "length" if engine_reason == "length" else "stop"
+# vLLM's finish reasons of a reply delivered whole; its others ("abort", "error") mean the reply was cut off.
+_DELIVERED: dict[str | None, FinishReason] = {"stop": "stop", "length": "length"}
+
+
+def delivered_finish_reason(engine_reason: str | None) -> FinishReason | None:
+    """OpenAI's finish reason for vLLM's; None while the reply runs, and for a reply the engine cut off."""
+    return _DELIVERED.get(engine_reason)
 
 
 def _now() -> int:
@@ -296,13 +298,19 @@ class ChatCompletionChoice(BaseModel):
     finish_reason: FinishReason | None
 
 
-class ChatCompletionResponse(BaseModel):
-    """OpenAI's ``chat.completion`` object."""
+class _CompletionObject(BaseModel):
+    """The fields a reply and each chunk of a streamed reply share, in OpenAI's order."""
 
     id: str = Field(default_factory=_completion_id)
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str
     created: int = Field(default_factory=_now)
     model: str
+
+
+class ChatCompletionResponse(_CompletionObject):
+    """OpenAI's ``chat.completion`` object."""
+
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatCompletionChoice]
     usage: Usage
     system_fingerprint: str | None = None
@@ -321,7 +329,8 @@ class ChatCompletionResponse(BaseModel):
         return cls(
             id=_completion_id(request_id),
             model=model,
-            choices=[ChatCompletionChoice(message=ResponseMessage(content=text), finish_reason=_finish(finish_reason))],
+            choices=[ChatCompletionChoice(message=ResponseMessage(content=text),
+                                          finish_reason=delivered_finish_reason(finish_reason))],
             usage=Usage.of(prompt_tokens, completion_tokens),
         )
 
@@ -341,13 +350,10 @@ class ChunkChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_CompletionObject):
     """OpenAI's ``chat.completion.chunk`` object; the usage chunk has no choices."""
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=_now)
-    model: str
     choices: list[ChunkChoice] = Field(default_factory=list)
     usage: Usage | None = None
     system_fingerprint: str | None = None
@@ -364,7 +370,7 @@ class ChatCompletionChunk(BaseModel):
     ) -> ChatCompletionChunk:
         """One chunk of the stream of ``request_id``; ``finish_reason`` may be vLLM's."""
         delta = ChunkDelta(role=role, content=content)
-        choice = ChunkChoice(delta=delta, finish_reason=_finish(finish_reason))
+        choice = ChunkChoice(delta=delta, finish_reason=delivered_finish_reason(finish_reason))
         return cls(id=_completion_id(request_id), model=model, choices=[choice])
 
     @classmethod

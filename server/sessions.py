@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from tmem.adapters.extraction import normalize_question
-from tmem.server.chat import ChatService
 from tmem.server.errors import InvalidRequest, NotFound, RateLimited, ServiceUnavailable
+from tmem.server.lifecycle import SessionLifecycle
 from tmem.server.limits import check_messages
 from tmem.server.pool import AdapterPool
 from tmem.server.protocol import Memory, SessionInfo
@@ -37,31 +37,27 @@ def session_info(state: SessionState) -> SessionInfo:
 class SessionService:
     """Everything a client can do to a session besides chatting."""
 
-    def __init__(self, store: RedisStore, pool: AdapterPool, chat: ChatService, settings: Settings) -> None:
-        self.store, self.pool, self.chat, self.settings = store, pool, chat, settings
+    def __init__(self, sessions: SessionLifecycle, store: RedisStore, pool: AdapterPool, settings: Settings) -> None:
+        self.sessions, self.store, self.pool, self.settings = sessions, store, pool, settings
         # Flushes waiting per tenant on this replica: each one polls Redis until its deadline.
         self._flushing: dict[str, int] = {}
 
     async def get(self, tenant: str, sid: str) -> SessionState:
-        state = await self.store.get_session(tenant, sid)
-        if state is None:
-            raise NotFound(f"session '{sid}' does not exist", param="session_id", code="session_not_found")
-        return state
+        return await self.sessions.get(tenant, sid)
 
     async def ingest(
         self, tenant: str, sid: str, messages: list[dict[str, str]], idempotency_key: str | None
     ) -> SessionState:
         check_messages(messages, self.settings)
-        await self.chat.open_session(tenant, sid)
-        await self.chat.record(tenant, sid, messages, idempotency_key, request_fingerprint(messages), reason="ingest")
+        await self.sessions.open(tenant, sid)
+        await self.sessions.record(tenant, sid, messages, idempotency_key, request_fingerprint(messages),
+                                   reason="ingest")
         return await self.get(tenant, sid)
 
     async def teach(self, tenant: str, sid: str, pairs: list[dict[str, str]]) -> SessionState:
         if len(pairs) > self.settings.max_pairs_per_teach:
             raise InvalidRequest(f"at most {self.settings.max_pairs_per_teach} pairs per call", param="pairs")
-        await self.chat.open_session(tenant, sid)
-        await self.store.add_teach_pairs(tenant, sid, pairs)
-        await self.store.enqueue_update(tenant, sid, reason="teach", force=True)
+        await self.sessions.teach(tenant, sid, pairs)
         return await self.get(tenant, sid)
 
     async def flush(self, tenant: str, sid: str, timeout_s: float | None) -> SessionState:
@@ -84,7 +80,7 @@ class SessionService:
     async def _wait_absorbed(self, tenant: str, sid: str, timeout_s: float) -> SessionState:
         state = await self.get(tenant, sid)
         if state.pending_updates:
-            await self.store.enqueue_update(tenant, sid, reason="flush", force=True)
+            await self.sessions.queue_update(tenant, sid, reason="flush")
         deadline = time.monotonic() + timeout_s
         while state.pending_updates or state.job_pending:
             if time.monotonic() > deadline:
@@ -124,9 +120,7 @@ class SessionService:
             return await asyncio.to_thread(_tar_gz, path), state.adapter_version
 
     async def delete(self, tenant: str, sid: str) -> None:
-        await self.get(tenant, sid)
-        await self.store.delete_session(tenant, sid)
-        await self.pool.forget(tenant, sid)
+        await self.sessions.delete(tenant, sid)
 
 
 def _tar_gz(directory: Path) -> bytes:

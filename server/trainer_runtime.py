@@ -78,11 +78,8 @@ class TrainerRuntime:
     def zero_b(self) -> SessionB:
         return self.fast.zero_b()
 
-    def update(self, b: SessionB, pairs: Sequence[Supervision]) -> UpdateResult:
-        return self.batched.update(b, pairs)
-
     def update_many(self, items: Sequence[tuple[SessionB, Sequence[Supervision]]]) -> list[UpdateResult]:
-        """Several sessions' updates; each result equals what `update` would give for that session alone."""
+        """Several sessions' updates; each result equals what training that session alone would give."""
         return self.batched.update_many(items)
 
     def encode(self, b: SessionB) -> Checkpoint:

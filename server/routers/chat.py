@@ -8,11 +8,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from tmem.server.deps import ServicesDep, TurnDep
-from tmem.server.errors import (
-    ERROR_RESPONSES,
-    ServiceUnavailable,
-    error_chunk,
-)
+from tmem.server.errors import ERROR_RESPONSES, error_chunk
 from tmem.server.protocol import SSE_DONE, ChatCompletionChunk, ChatCompletionRequest, sse_event
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -24,8 +20,6 @@ DELIVERY_SETTLE_S = 0.005  # delays only the end of a reply ([DONE]), once per r
 async def chat_completions(
     body: ChatCompletionRequest, services: ServicesDep, ctx: TurnDep, request: Request
 ) -> JSONResponse | StreamingResponse:
-    if ctx.session_id is not None and services.store is None:
-        raise ServiceUnavailable("session storage is not configured", retry_after=5)
     if body.stream:
         chunks, version = await services.chat.stream(body, ctx, _connected(request))
         return StreamingResponse(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Header
 from fastapi.responses import Response
-from tmem.server.deps import SessionIdDep, TenantDep, get_services
+from tmem.server.deps import SessionIdDep, SessionServiceDep, TenantDep
 from tmem.server.errors import ERROR_RESPONSES
 from tmem.server.protocol import (
     DeleteResponse,
@@ -17,18 +17,9 @@ from tmem.server.protocol import (
     SessionMessagesRequest,
     TeachRequest,
 )
-from tmem.server.sessions import SessionService, session_info
+from tmem.server.sessions import session_info
 
 router = APIRouter(prefix="/v1/sessions", responses=ERROR_RESPONSES)
-
-
-def get_session_service(request: Request) -> SessionService:
-    get_services(request)  # 503 while starting, or without Redis
-    service: SessionService = request.app.state.session_service
-    return service
-
-
-SessionServiceDep = Annotated[SessionService, Depends(get_session_service)]
 
 
 @router.get("/{session_id}")

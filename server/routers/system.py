@@ -23,12 +23,10 @@ async def list_models(services: ServicesDep) -> ModelList:
 @router.get("/health")
 async def health(services: ServicesDep) -> dict[str, object]:
     """ok when the engine and Redis answer; `degraded` (still 200) when only stateless serving works."""
-    redis_ok = False
-    if services.store is not None:
-        try:
-            redis_ok = await services.store.ping()
-        except StoreUnavailable:
-            redis_ok = False
+    try:
+        redis_ok = await services.store.ping()
+    except StoreUnavailable:
+        redis_ok = False
     return {"status": "ok" if redis_ok else "degraded", "redis": redis_ok, "model": services.settings.model_name}
 
 

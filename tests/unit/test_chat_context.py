@@ -1,7 +1,7 @@
 """A chat on a long session costs the event loop what fits the context, not the session's whole history.
 
-Real redis-server, real ChatService; the engine is a fake holding the counting tokenizer of
-test_prompting. Each test checks one promise of issue 12 item 3: turns are stored with their token
+Real redis-server, real ChatService and SessionLifecycle; the engine is a fake holding the counting
+tokenizer (tests/fakes.py). Each test checks one promise of issue 12 item 3: turns are stored with their token
 counts, a request tokenizes only what it adds, reads only the tail that can fit, and still builds the
 very prompt the old code built (every stored turn read, decoded and tokenized on each request).
 """
@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import random
 import uuid
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from test_prompting import FakeTokenizer, conversation, fit_turns_before
+from fakes import FakeEngine, FakeTokenizer, services
+from test_prompting import conversation, fit_turns_before
 from tmem.server.chat import ChatService, TurnContext
 from tmem.server.prompting import new_suffix, session_system
 from tmem.server.protocol import ChatCompletionRequest
-from tmem.server.settings import Settings
 from tmem.server.store import RedisStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -26,9 +25,8 @@ T = "acme"
 
 
 def service(store: RedisStore, tokenizer: FakeTokenizer, **settings: Any) -> ChatService:
-    engine = SimpleNamespace(tokenizer=tokenizer, max_model_len=1_000_000)
-    config = Settings(model="fake", **{"context_tokens": 400, **settings})
-    return ChatService(engine, pool=None, store=store, settings=config)  # type: ignore[arg-type]
+    engine = FakeEngine(tokenizer=tokenizer, max_model_len=1_000_000)
+    return services(store, engine, **{"context_tokens": 400, **settings}).chat
 
 
 def spy_reads(store: RedisStore) -> list[int]:
@@ -53,7 +51,7 @@ async def seed(chat: ChatService, store: RedisStore, sid: str, turns: list[dict[
         if legacy:
             await store.append_turns(T, sid, messages)
         else:
-            await chat.record(T, sid, messages, None, "", reason="turn")
+            await chat.sessions.record(T, sid, messages, None, "", reason="turn")
 
 
 async def prompt_before(store: RedisStore, tokenizer: FakeTokenizer, sid: str, sent: list[dict[str, str]],
@@ -128,8 +126,8 @@ async def test_turns_are_stored_with_their_token_counts(store: RedisStore) -> No
     tokenizer, sid = FakeTokenizer(), "counted"
     chat = service(store, tokenizer)
     await store.ensure_session(T, sid)
-    await chat.record(T, sid, [{"role": "user", "content": "I moved to Lisbon"},
-                               {"role": "assistant", "content": "Nice!"}], None, "", reason="turn")
+    await chat.sessions.record(T, sid, [{"role": "user", "content": "I moved to Lisbon"},
+                                        {"role": "assistant", "content": "Nice!"}], None, "", reason="turn")
     assert await store.get_turns(T, sid) == [
         {"role": "user", "content": "I moved to Lisbon", "tokens": 4},
         {"role": "assistant", "content": "Nice!", "tokens": 1},
@@ -144,11 +142,10 @@ async def test_context_budget_queues_once_the_pending_tokens_reach_the_budget(st
     forty = " ".join(["word"] * 40)
     for _ in range(2):  # 80 tokens pending: under the budget, kept in the prompt
         tokenizer.encoded = 0
-        await chat.record(T, sid, [{"role": "user", "content": forty}], None, "", reason="turn")
+        await chat.sessions.record(T, sid, [{"role": "user", "content": forty}], None, "", reason="turn")
         assert tokenizer.encoded == 1  # the new message only, not the pending ones
         state = await store.get_session(T, sid)
         assert state is not None and not state.job_pending
-    await chat.record(T, sid, [{"role": "user", "content": forty}], None, "", reason="turn")  # 120 >= 100
+    await chat.sessions.record(T, sid, [{"role": "user", "content": forty}], None, "", reason="turn")  # 120 >= 100
     state = await store.get_session(T, sid)
     assert state is not None and state.job_pending
-    assert await chat.maybe_enqueue(T, sid, reason="ingest") is False  # coalesced with the queued job

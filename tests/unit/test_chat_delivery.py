@@ -12,48 +12,20 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from test_prompting import FakeTokenizer
+from fakes import FakeEngine, services
 from tmem.server.app import create_app
 from tmem.server.chat import ChatService, TurnContext
-from tmem.server.deps import Services
 from tmem.server.metrics import METRICS
-from tmem.server.settings import Settings
 from tmem.server.store import RedisStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 T = "default"  # the tenant of a server without keys
 QUESTION = [{"role": "user", "content": "Tell me a story."}]
-
-
-@dataclass
-class FakeEngine:
-    """Streams `words` words, `delay_s` apart; the last output carries `finish` (vLLM's finish reason)."""
-
-    tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
-    words: int = 6
-    delay_s: float = 0.002
-    finish: str = "stop"
-    max_model_len: int = 100_000
-    aborted: list[str] = field(default_factory=list)
-
-    async def generate(self, prompt_ids: list[int], params: Any, request_id: str, lora: Any) -> AsyncIterator[Any]:
-        text = ""
-        for i in range(self.words):
-            await asyncio.sleep(self.delay_s)
-            text = f"{text} w{i}".strip()
-            last = i == self.words - 1
-            completion = SimpleNamespace(text=text, token_ids=list(range(i + 1)),
-                                         finish_reason=self.finish if last else None)
-            yield SimpleNamespace(outputs=[completion], finished=last)
-
-    async def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
 
 
 @pytest.fixture
@@ -62,11 +34,10 @@ def sid() -> str:
 
 
 def serve(store: RedisStore, engine: FakeEngine) -> tuple[Any, ChatService]:
-    settings = Settings(model="fake")
-    chat = ChatService(engine, pool=None, store=store, settings=settings)  # type: ignore[arg-type]
-    app = create_app(settings)  # the lifespan (vLLM, Redis) never runs: the services are set here
-    app.state.services = Services(settings, chat, pool=None, store=store)  # type: ignore[arg-type]
-    return app, chat
+    installed = services(store, engine)
+    app = create_app(installed.settings)  # the lifespan (vLLM, Redis) never runs: the services are set here
+    app.state.services = installed
+    return app, installed.chat
 
 
 @dataclass

@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis_fixture import RedisServer
 from tmem.server.app import create_app
-from tmem.server.auth import StartupRefused
+from tmem.server.auth import KeyRing, StartupRefused
 from tmem.server.deps import Auth, Services
 from tmem.server.errors import InvalidRequest
 from tmem.server.protocol import ChatCompletionChunk, ChatCompletionResponse
@@ -85,10 +85,10 @@ def build(redis_client: aioredis.Redis | None = None, chat: FakeChat | None = No
     settings = Settings(**{"api_keys": KEYS, "redis_prefix": f"t{uuid.uuid4().hex[:8]}", **overrides})
     app = create_app(settings)
     limiter = RateLimiter(redis_client, settings.redis_prefix, settings.rate_limit_rpm, settings.rate_limit_tpm)
-    app.state.auth = Auth(app.state.auth.keys, limiter)
     chat = chat or FakeChat()
     chat.limiter = limiter
-    app.state.services = Services(settings, chat, pool=None, store=object())  # type: ignore[arg-type]
+    auth = Auth(KeyRing.from_settings(settings), limiter)
+    app.state.services = Services(settings, auth, chat, sessions=None, pool=None, store=object())  # type: ignore[arg-type]
     return app
 
 
@@ -101,7 +101,7 @@ def bearer(key: str, **extra: str) -> dict[str, str]:
 
 
 async def tokens_used(redis_client: aioredis.Redis, app: Any) -> int:
-    keys = [k async for k in redis_client.scan_iter(match=f"{app.state.auth.limiter.prefix}:rl:tok:*")]
+    keys = [k async for k in redis_client.scan_iter(match=f"{app.state.services.auth.limiter.prefix}:rl:tok:*")]
     return sum([int(await redis_client.get(k) or 0) for k in keys])
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from tmem.server.errors import InvalidRequest, RateLimited, ServiceUnavailable
+from tmem.server.lifecycle import SessionLifecycle
 from tmem.server.sessions import SessionService
 from tmem.server.settings import Settings
 from tmem.server.store import SessionState
@@ -37,7 +38,9 @@ class PendingStore:
 
 
 def service(store: PendingStore, **settings: Any) -> SessionService:
-    return SessionService(store, pool=None, chat=None, settings=Settings(_env_file=None, **settings))  # type: ignore[arg-type]
+    config = Settings(_env_file=None, **settings)
+    lifecycle = SessionLifecycle(store, pool=None, tokenizer=None, settings=config)  # type: ignore[arg-type]
+    return SessionService(lifecycle, store, pool=None, settings=config)  # type: ignore[arg-type]
 
 
 async def test_a_timeout_over_the_servers_limit_is_a_400_before_any_wait() -> None:

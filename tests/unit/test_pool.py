@@ -12,24 +12,11 @@ from typing import Any
 
 import pytest
 import tmem.server.pool as pool_module
+from fakes import FakeEngine
 from tmem.server.metrics import METRICS
 from tmem.server.pool import AdapterPool
 
 T = "acme"
-
-
-class FakeEngine:
-    """Records which LoRA ids are loaded, as vLLM's add_lora / remove_lora would change them."""
-
-    def __init__(self) -> None:
-        self.loaded: dict[int, str] = {}
-
-    async def add_lora(self, lora: Any) -> None:
-        assert Path(lora.lora_path).is_dir(), "the directory must exist before the engine loads it"
-        self.loaded[lora.lora_int_id] = lora.lora_name
-
-    async def remove_lora(self, lora_id: int) -> None:
-        del self.loaded[lora_id]
 
 
 def _write_dir(path: Path, *args: Any) -> None:

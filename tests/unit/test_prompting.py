@@ -8,11 +8,11 @@ stored `tokens` field from one tokenized again. `fit_turns_before` is the algori
 from __future__ import annotations
 
 import random
-import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from fakes import FakeTokenizer
 from tmem.server.prompting import (
     TailFit,
     fit_turns,
@@ -22,38 +22,6 @@ from tmem.server.prompting import (
 )
 
 Message = dict[str, Any]
-
-
-class FakeTokenizer:
-    """One token per word; its chat template adds `overhead` marker words per message.
-
-    `encoded` counts encode() calls (one per priced message); the template refuses any field but role
-    and content, as a strict Jinja template would render a stray `tokens` key into the prompt.
-    """
-
-    eos_token_id = 0
-
-    def __init__(self, overhead: int = 2) -> None:
-        self.overhead = overhead
-        self.chat_template = f"fake-template-{overhead}"
-        self.encoded = 0
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        self.encoded += 1
-        return [self.token_id(w) for w in text.split()]
-
-    @staticmethod
-    def token_id(word: str) -> int:
-        return 10 + zlib.crc32(word.encode()) % 1000
-
-    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = False,
-                            tokenize: bool = True) -> Any:
-        for m in messages:
-            assert set(m) == {"role", "content"}, f"the template was given {sorted(m)}"
-        markers = " ".join(["<|sep|>"] * max(0, self.overhead - 1))
-        text = " ".join(f"<|{m['role']}|> {markers} {m['content']}" for m in messages)
-        text += " <|assistant|>" if add_generation_prompt else ""
-        return [self.token_id(w) for w in text.split()] if tokenize else text
 
 
 def fit_turns_before(tokenizer: Any, system: str | None, turns: Sequence[Message],
