@@ -26,9 +26,8 @@ from tmem.server.redis_proc import PrivateRedis
 from tmem.server.routers import chat, sessions, system
 from tmem.server.sessions import SessionService
 from tmem.server.settings import Settings
-from tmem.server.store import RedisStore, StoreLimits, StoreUnavailable
-from tmem.server.store_errors import register_store_errors
-from tmem.server.store_jobs import StoreFull
+from tmem.server.store import RedisStore, StoreFull, StoreLimits, StoreUnavailable
+from tmem.server.store.refusals import register_store_errors
 from tmem.server.trainer_runtime import TrainerRuntime
 from tmem.server.worker import UpdateWorker
 
@@ -135,7 +134,7 @@ async def _running(app: FastAPI, settings: Settings, keys: KeyRing) -> AsyncIter
     try:
         await store.ensure_group()
         pool = AdapterPool(engine, store, settings.adapter_dir, settings.model_name, settings.max_resident_adapters)
-        limiter = RateLimiter(store.client, settings.redis_prefix, settings.rate_limit_rpm, settings.rate_limit_tpm)
+        limiter = RateLimiter(store.rate_limits, settings.rate_limit_rpm, settings.rate_limit_tpm)
         lifecycle = SessionLifecycle(store, pool, engine.tokenizer, settings)
         chat_service = ChatService(engine, lifecycle, pool, settings, limiter)
         session_service = SessionService(lifecycle, store, pool, settings)

@@ -7,18 +7,17 @@ import hashlib
 import hmac
 import logging
 import re
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio
 from fastapi.exceptions import RequestValidationError
 from tmem.server.errors import Forbidden, RateLimited, TMEMHTTPError, Unauthorized
 from tmem.server.limits import is_loopback
 from tmem.server.settings import Settings, check_api_key
+from tmem.server.store import RateLimitCounters, StoreUnavailable, TokenHold
 
 log = logging.getLogger(__name__)
 OPEN_TENANT = "default"
@@ -133,8 +132,7 @@ def refuse_open_exposure(settings: Settings, keys: KeyRing) -> None:
 class Reservation:
     """Tokens held for one chat request at admission; settled against what it used when it ends."""
 
-    key: str
-    held: int
+    hold: TokenHold
     used: int | None = None  # reported by the chat service when the reply was delivered
 
 
@@ -142,27 +140,6 @@ class Reservation:
 # `RateLimiter.add_tokens(tenant, n)`, which has no request at hand. Set in the request's own task,
 # so a streaming response (a task started from it) sees it too.
 _ACTIVE: contextvars.ContextVar[Reservation | None] = contextvars.ContextVar("tmem_reservation", default=None)
-
-# One round trip each, so a connection lost half-way never leaves a counter without its expiry.
-_COUNT_REQUEST = """
-local n = redis.call('INCR', KEYS[1])
-if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-return n
-"""
-_RESERVE = """
-local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-local want, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
-if used + want > limit then return 0 end
-redis.call('INCRBY', KEYS[1], want)
-if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
-return 1
-"""
-# The difference goes to the window it was reserved in; a window already expired is not charged again.
-_SETTLE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('INCRBY', KEYS[1], ARGV[1]) end
-return 0
-"""
-_WINDOW_S, _KEEP_S = 60, 120
 
 
 def _refused_before_generation(exc: Exception) -> bool:
@@ -174,37 +151,29 @@ class RateLimiter:
     """Fixed one-minute windows per API key, counted in Redis so every replica shares them.
 
     Requests are counted at admission; a chat request holds its max_tokens at admission (refused when
-    they do not fit the minute) and gives back what it did not use when it ends.
+    they do not fit the minute) and gives back what it did not use when it ends. Without counters
+    (None) nothing is limited.
     """
 
-    def __init__(self, redis: Any | None, prefix: str, rpm: int, tpm: int) -> None:
-        self.redis, self.prefix, self.rpm, self.tpm = redis, prefix, rpm, tpm
-        if redis is not None:
-            self._count = redis.register_script(_COUNT_REQUEST)
-            self._reserve = redis.register_script(_RESERVE)
-            self._settle = redis.register_script(_SETTLE)
+    def __init__(self, counters: RateLimitCounters | None, rpm: int, tpm: int) -> None:
+        self.counters, self.rpm, self.tpm = counters, rpm, tpm
 
     @property
     def enabled(self) -> bool:
-        return self.redis is not None and (self.rpm > 0 or self.tpm > 0)
-
-    def _key(self, kind: str, key_id: str) -> tuple[str, int]:
-        now = time.time()
-        return f"{self.prefix}:rl:{kind}:{{{key_id}}}:{int(now // _WINDOW_S)}", _WINDOW_S - int(now % _WINDOW_S)
+        return self.counters is not None and (self.rpm > 0 or self.tpm > 0)
 
     async def admit(self, caller: Caller) -> None:
         """Count one request; 429 with Retry-After once the key's requests for this minute are spent."""
-        if not self.enabled or self.rpm <= 0 or caller.service:
+        if self.counters is None or self.rpm <= 0 or caller.service:
             return
-        key, retry = self._key("req", caller.key_id)
         try:
-            count = int(await self._count(keys=[key], args=[_KEEP_S]))
-        except Exception as exc:  # Redis away: fail open for rate limits, the store reports its own outage
+            count, window = await self.counters.count_request(caller.key_id)
+        except StoreUnavailable as exc:  # fail open for rate limits: the store reports its own outage
             log.warning("rate limiter unavailable (%s); admitting", exc)
             return
         if count > self.rpm:
-            raise RateLimited(f"Rate limit reached: {self.rpm} requests per minute.", retry_after=retry,
-                              code="rate_limit_exceeded")
+            raise RateLimited(f"Rate limit reached: {self.rpm} requests per minute.",
+                              retry_after=window.retry_after_s, code="rate_limit_exceeded")
 
     @asynccontextmanager
     async def reservation(self, caller: Caller, tokens: int) -> AsyncIterator[None]:
@@ -212,7 +181,7 @@ class RateLimiter:
 
         The worker's service key is not limited: its generations serve updates the tenants already paid for.
         """
-        held = await self._hold(caller, tokens) if self.enabled and self.tpm > 0 and not caller.service else None
+        held = await self._hold(caller, tokens) if self.tpm > 0 and not caller.service else None
         _ACTIVE.set(held)
         refused = False
         try:
@@ -224,29 +193,30 @@ class RateLimiter:
             _ACTIVE.set(None)
             if held is not None:
                 # A delivered reply reported its usage; a stream cut short (or failed mid-way) keeps what it held.
-                used = 0 if refused else (held.used if held.used is not None else held.held)
+                used = 0 if refused else (held.used if held.used is not None else held.hold.tokens)
                 with anyio.CancelScope(shield=True):  # the client may be gone; the count must still settle
-                    await self._adjust(held, used - held.held)
+                    await self._settle(held, used)
 
     async def _hold(self, caller: Caller, tokens: int) -> Reservation | None:
+        if self.counters is None:
+            return None
         want = min(max(tokens, 1), self.tpm)  # a request larger than the whole minute waits for an empty one
-        key, retry = self._key("tok", caller.key_id)
         try:
-            granted = int(await self._reserve(keys=[key], args=[want, self.tpm, _KEEP_S]))
-        except Exception as exc:
+            hold = await self.counters.reserve_tokens(caller.key_id, want, self.tpm)
+        except StoreUnavailable as exc:
             log.warning("rate limiter unavailable (%s); admitting", exc)
             return None
-        if not granted:
+        if not hold.granted:
             raise RateLimited(f"Rate limit reached: {self.tpm} tokens per minute (this request may use {want}).",
-                              retry_after=retry, code="tokens_limit_exceeded")
-        return Reservation(key, want)
+                              retry_after=hold.window.retry_after_s, code="tokens_limit_exceeded")
+        return Reservation(hold)
 
-    async def _adjust(self, held: Reservation, delta: int) -> None:
-        if delta == 0:
+    async def _settle(self, held: Reservation, used: int) -> None:
+        if self.counters is None:
             return
         try:
-            await self._settle(keys=[held.key], args=[delta])
-        except Exception as exc:
+            await self.counters.settle_tokens(held.hold, used)
+        except StoreUnavailable as exc:
             log.warning("rate limiter unavailable (%s); tokens not settled", exc)
 
     async def add_tokens(self, tenant: str, tokens: int) -> None:

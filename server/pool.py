@@ -10,7 +10,6 @@ import asyncio
 import functools
 import hashlib
 import itertools
-import json
 import logging
 import shutil
 import time
@@ -22,19 +21,31 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import load as load_tensors
-from tmem.adapters.checkpoint import CheckpointError, decode_b, read_metadata
+from tmem.adapters.checkpoint import CheckpointError
 from tmem.adapters.peft_io import write_peft_dir
-from tmem.adapters.spec import FastWeightSpec
 from tmem.server.engine import lora_request
 from tmem.server.metrics import METRICS
 from tmem.server.store import RedisStore
+from tmem.server.store.verified import VerifiedCheckpoint, newest_verified, read_verified
 
 if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
 
 log = logging.getLogger(__name__)
 SessionKey = tuple[str, str]
-VersionTensors = tuple[FastWeightSpec, list[int], dict[str, Any], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class VersionTensors:
+    """A stored version that verified, with the A0 its B multiplies: what a PEFT directory is built from."""
+
+    checkpoint: VerifiedCheckpoint
+    a0: dict[str, Any]
+
+    def write_peft_dir(self, path: Path, base_model: str) -> None:
+        """The version as a PEFT directory at `path`."""
+        header = self.checkpoint.header
+        write_peft_dir(path, header.spec, header.layers, self.a0, self.checkpoint.b, base_model)
 
 
 @dataclass
@@ -162,39 +173,33 @@ class AdapterPool:
     async def _pin(self, tenant: str, sid: str, version: int) -> Resident | None:
         """The resident to serve, with its refcount raised under the session lock (so nothing evicts it)."""
         key = (tenant, sid)
-        found: Resident | None = None
         async with self._session_lock(key):
-            for candidate in range(version, 0, -1):
-                found = self._resident.get((tenant, sid, candidate))
-                if found is None:
-                    found = await self._load(tenant, sid, candidate)
-                if found is not None:
-                    # No await since the lookup or the load: nothing can have evicted it in between.
-                    found.refs += 1
-                    self._resident.move_to_end((tenant, sid, found.version))
-                    self._latest[key] = max(self._latest.get(key, 0), found.version)
-                    break
+            # The newest version that verifies, as the worker trains from: a corrupt one is never served.
+            found = await newest_verified(tenant, sid, version, lambda v: self._resident_or_load(tenant, sid, v))
+            if found is not None:
+                # No await since the lookup or the load: nothing can have evicted it in between.
+                found.refs += 1
+                self._resident.move_to_end((tenant, sid, found.version))
+                self._latest[key] = max(self._latest.get(key, 0), found.version)
         await self._evict(key)
         return found
 
+    async def _resident_or_load(self, tenant: str, sid: str, version: int) -> Resident | None:
+        resident = self._resident.get((tenant, sid, version))
+        return resident if resident is not None else await self._load(tenant, sid, version)
+
     async def _load(self, tenant: str, sid: str, version: int) -> Resident | None:
-        """Rebuild the PEFT directory from Redis and load it into the engine; None if it must be refused."""
-        try:
-            version_data = await self.version_tensors(tenant, sid, version)
-        except (CheckpointError, KeyError, ValueError) as exc:
-            # A corrupt version is never served: fall back to the previous one and count the fault.
-            METRICS.checkpoint_faults.inc()
-            log.error("refusing checkpoint %s/%s@v%d: %s", tenant, sid, version, exc)
+        """Rebuild the PEFT directory from Redis and load it into the engine; None when the version is not
+        stored, CheckpointError when it must be refused."""
+        tensors = await self.version_tensors(tenant, sid, version)
+        if tensors is None:
             return None
-        if version_data is None:
-            return None
-        spec, layers, a0, b = version_data
         started = time.perf_counter()
         lora_id = next(self._ids)
         # The load's own id in the name and path: a session id reused after a delete never shares a
         # LoRA name (vLLM keys its prefix cache by name) or a directory with the old weights.
         path = self.adapter_dir / f"{_dir_name(tenant, sid, version)}-{lora_id}"
-        await asyncio.to_thread(write_peft_dir, path, spec, layers, a0, b, self.base_model)
+        await asyncio.to_thread(tensors.write_peft_dir, path, self.base_model)
         lora = lora_request(f"{tenant}/{sid}@v{version}#{lora_id}", lora_id, path)
         await self.engine.add_lora(lora)  # load the new version before anything is evicted
         METRICS.hot_swap_seconds.observe(time.perf_counter() - started)
@@ -204,30 +209,26 @@ class AdapterPool:
         return resident
 
     async def version_tensors(self, tenant: str, sid: str, version: int) -> VersionTensors | None:
-        """(spec, layers, A0, B) of a stored version, verified; None when the version does not exist."""
-        stored = await self.store.get_checkpoint(tenant, sid, version)
-        if stored is None:
+        """A stored version, verified, with its A0; None when the version does not exist, CheckpointError
+        when it must be refused."""
+        checkpoint = await read_verified(self.store, tenant, sid, version)
+        if checkpoint is None:
             return None
-        b = decode_b(stored.data, stored.sha256)
-        meta = read_metadata(stored.data)
-        a0 = await self._a0_for(meta["a0"])
-        spec = FastWeightSpec.model_validate_json(meta["spec"])
-        return spec, json.loads(meta["layers"]), a0, b
+        return VersionTensors(checkpoint, await self._a0_for(checkpoint.header.a0))
 
     async def write_version(self, tenant: str, sid: str, version: int, path: Path) -> bool:
         """Write a stored version as a PEFT directory at `path` (e.g. for download); False if absent."""
-        data = await self.version_tensors(tenant, sid, version)
-        if data is None:
+        tensors = await self.version_tensors(tenant, sid, version)
+        if tensors is None:
             return False
-        spec, layers, a0, b = data
-        await asyncio.to_thread(write_peft_dir, path, spec, layers, a0, b, self.base_model)
+        await asyncio.to_thread(tensors.write_peft_dir, path, self.base_model)
         return True
 
     async def _a0_for(self, identity: str) -> dict[str, Any]:
         if identity not in self._a0:
             blob = await self.store.get_a0(identity)
             if blob is None:
-                raise KeyError(f"A0 {identity} is not in Redis")
+                raise CheckpointError(f"A0 {identity} is not in Redis")
             self._a0[identity] = load_tensors(blob)
         return self._a0[identity]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,7 @@ from tmem.adapters.fast_weights import FastWeightModel, SessionB
 from tmem.adapters.supervision import Supervision
 from tmem.adapters.trainer import OnlineTrainer, TrainerConfig, UpdateResult
 from tmem.server.settings import Settings
-from tmem.server.store import A0Corrupt
+from tmem.server.store import A0Corrupt, CheckpointHeader
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +82,9 @@ class TrainerRuntime:
         return self.batched.update_many(items)
 
     def encode(self, b: SessionB) -> Checkpoint:
-        meta = {
-            "a0": self.identity,
-            "spec": self.fast.spec.model_dump_json(),
-            "layers": json.dumps(self.fast.layers),
-            "base_model": self.base_model,
-        }
-        return encode_b(b, meta)
+        header = CheckpointHeader(a0=self.identity, spec=self.fast.spec, layers=self.fast.layers,
+                                  base_model=self.base_model)
+        return encode_b(b, header.to_metadata())
 
     def decode(self, data: bytes, sha256: str) -> SessionB:
         b = decode_b(data, sha256)

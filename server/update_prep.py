@@ -31,6 +31,7 @@ from tmem.server.metrics import METRICS
 from tmem.server.prompting import session_system
 from tmem.server.settings import Settings
 from tmem.server.store import Job, RedisStore, UpdateSnapshot
+from tmem.server.store.verified import newest_verified, read_verified
 from tmem.server.trainer_runtime import TrainerRuntime
 
 log = logging.getLogger(__name__)
@@ -204,17 +205,21 @@ class UpdatePreparer:
         return summary
 
     async def current_b(self, job: Job, version: int) -> Any:
-        """B of the live version, or of the newest earlier one that verifies: a corrupt one is never built on."""
-        for candidate in range(version, 0, -1):
-            stored = await self.store.get_checkpoint(job.tenant, job.sid, candidate)
-            if stored is None:
-                continue
-            try:
-                return self.runtime.decode(stored.data, stored.sha256)
-            except (CheckpointError, ValueError) as exc:
-                METRICS.checkpoint_faults.inc()
-                log.error("checkpoint %s/%s@v%d refused: %s", job.tenant, job.sid, candidate, exc)
-        return self.runtime.zero_b()
+        """B of the live version, or of the newest earlier one that verifies (as the pool serves): a corrupt
+        one is never built on."""
+        b = await newest_verified(job.tenant, job.sid, version, lambda v: self._trainable_b(job, v))
+        return b if b is not None else self.runtime.zero_b()
+
+    async def _trainable_b(self, job: Job, version: int) -> Any:
+        """B of one stored version, verified and shaped for this worker's model; None when not stored."""
+        found = await read_verified(self.store, job.tenant, job.sid, version)
+        if found is None:
+            return None
+        try:
+            self.runtime.fast.check_b(found.b)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from exc
+        return found.b
 
 
 def chunk_turns(tokenizer: Any, turns: list[dict[str, str]], budget: int) -> list[str]:

@@ -39,7 +39,6 @@ class UpdateWorker:
         self.name = name or f"worker-{uuid.uuid4().hex[:8]}"
         self._stop = asyncio.Event()
         self._training = asyncio.Lock()  # one training pass at a time; extraction of the next group overlaps it
-        self.jobs_done = 0
 
     def stop(self) -> None:
         self._stop.set()
@@ -145,7 +144,6 @@ class UpdateWorker:
                     continue
                 for job in by_session[key]:
                     await self.store.ack(job)
-                    self.jobs_done += 1
             return len(todo)
         finally:
             heartbeat.cancel()

@@ -22,7 +22,7 @@ from tmem.server.deps import Auth, Services
 from tmem.server.errors import InvalidRequest
 from tmem.server.protocol import ChatCompletionChunk, ChatCompletionResponse
 from tmem.server.settings import Settings
-from tmem.server.store import RedisStore
+from tmem.server.store import KeyLayout, RateLimitCounters, RedisStore
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -84,7 +84,8 @@ def build(redis_client: aioredis.Redis | None = None, chat: FakeChat | None = No
 
     settings = Settings(**{"api_keys": KEYS, "redis_prefix": f"t{uuid.uuid4().hex[:8]}", **overrides})
     app = create_app(settings)
-    limiter = RateLimiter(redis_client, settings.redis_prefix, settings.rate_limit_rpm, settings.rate_limit_tpm)
+    counters = None if redis_client is None else RateLimitCounters(redis_client, KeyLayout(settings.redis_prefix))
+    limiter = RateLimiter(counters, settings.rate_limit_rpm, settings.rate_limit_tpm)
     chat = chat or FakeChat()
     chat.limiter = limiter
     auth = Auth(KeyRing.from_settings(settings), limiter)
@@ -101,7 +102,8 @@ def bearer(key: str, **extra: str) -> dict[str, str]:
 
 
 async def tokens_used(redis_client: aioredis.Redis, app: Any) -> int:
-    keys = [k async for k in redis_client.scan_iter(match=f"{app.state.services.auth.limiter.prefix}:rl:tok:*")]
+    prefix = app.state.services.auth.limiter.counters.keys.prefix
+    keys = [k async for k in redis_client.scan_iter(match=f"{prefix}:rl:tok:*")]
     return sum([int(await redis_client.get(k) or 0) for k in keys])
 
 
@@ -221,7 +223,8 @@ async def test_a_cancelled_request_keeps_its_reservation(redis_client: aioredis.
     """A client that disconnects cancels the request: it is charged what it held, not nothing."""
     from tmem.server.auth import Caller, RateLimiter
 
-    limiter = RateLimiter(redis_client, f"t{uuid.uuid4().hex[:8]}", 0, 500)
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    limiter = RateLimiter(RateLimitCounters(redis_client, KeyLayout(prefix)), 0, 500)
     entered = asyncio.Event()
 
     async def serve() -> None:
@@ -234,7 +237,7 @@ async def test_a_cancelled_request_keeps_its_reservation(redis_client: aioredis.
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    keys = [k async for k in redis_client.scan_iter(match=f"{limiter.prefix}:rl:tok:*")]
+    keys = [k async for k in redis_client.scan_iter(match=f"{prefix}:rl:tok:*")]
     assert len(keys) == 1 and int(await redis_client.get(keys[0])) == 120
     assert 0 < await redis_client.ttl(keys[0]) <= 120
 
@@ -256,9 +259,10 @@ async def test_request_counter_always_expires(redis_client: aioredis.Redis) -> N
     """INCR and EXPIRE are one script: a counter without expiry would lock its key out for good."""
     from tmem.server.auth import Caller, RateLimiter
 
-    limiter = RateLimiter(_DropsBetweenCommands(redis_client), f"t{uuid.uuid4().hex[:8]}", 5, 0)
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    limiter = RateLimiter(RateLimitCounters(_DropsBetweenCommands(redis_client), KeyLayout(prefix)), 5, 0)  # type: ignore[arg-type]
     for _ in range(3):
         await limiter.admit(Caller("alice", "k1"))
-    keys = [k async for k in redis_client.scan_iter(match=f"{limiter.prefix}:rl:req:*")]
+    keys = [k async for k in redis_client.scan_iter(match=f"{prefix}:rl:req:*")]
     assert len(keys) == 1 and int(await redis_client.get(keys[0])) == 3
     assert 0 < await redis_client.ttl(keys[0]) <= 120

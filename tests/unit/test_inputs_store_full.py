@@ -18,8 +18,7 @@ from tmem.server.app import create_app
 from tmem.server.errors import to_http_error
 from tmem.server.metrics import METRICS
 from tmem.server.settings import Settings
-from tmem.server.store import RedisStore, StoreUnavailable
-from tmem.server.store_jobs import StoreFull
+from tmem.server.store import RedisStore, StoreFull, StoreUnavailable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from redis_fixture import RedisServer

@@ -14,7 +14,10 @@ import pytest
 import tmem.server.pool as pool_module
 from fakes import FakeEngine
 from tmem.server.metrics import METRICS
-from tmem.server.pool import AdapterPool
+from tmem.adapters.spec import FastWeightSpec
+from tmem.server.pool import AdapterPool, VersionTensors
+from tmem.server.store import CheckpointHeader
+from tmem.server.store.verified import VerifiedCheckpoint
 
 T = "acme"
 
@@ -30,8 +33,10 @@ def pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AdapterPool:
     made = AdapterPool(FakeEngine(), store=None, adapter_dir=tmp_path, base_model="base",  # type: ignore[arg-type]
                        max_resident=2)
 
-    async def version_tensors(tenant: str, sid: str, version: int) -> Any:
-        return ("spec", [0], {}, {})  # every version exists; the fake writer ignores the tensors
+    async def version_tensors(tenant: str, sid: str, version: int) -> VersionTensors:
+        # Every version exists; the fake writer ignores the tensors.
+        header = CheckpointHeader(a0="a0", spec=FastWeightSpec(), layers=[0])
+        return VersionTensors(VerifiedCheckpoint(version, header, {}), {})
 
     made.version_tensors = version_tensors  # type: ignore[method-assign]
     return made

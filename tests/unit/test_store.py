@@ -19,7 +19,6 @@ from tmem.server.store import (
     StoreLimits,
     StoreUnavailable,
     UpdateSnapshot,
-    VersionEvent,
 )
 
 # tests/ is not a package: its shared helpers are imported from the folder itself.
@@ -246,16 +245,6 @@ async def test_last_error_is_set_only_on_existing_sessions_and_cleared_by_a_comm
     assert state is not None and state.last_error is None
 
 
-async def test_version_event_is_published_after_commit(store: RedisStore) -> None:
-    await append(store, "pub", HELLO)
-    async with store.subscribe_versions() as events:
-        await commit(store, "pub", await store.claim_snapshot(T, "pub"))
-        event = await asyncio.wait_for(anext(events), timeout=5)
-        assert event == VersionEvent(tenant=T, sid="pub", version=1)
-        # the version it names is already readable
-        assert await store.get_checkpoint(T, event.sid, event.version) is not None
-
-
 # -- jobs --------------------------------------------------------------------------------------------
 async def test_enqueue_coalesces_until_the_worker_starts(store: RedisStore) -> None:
     await append(store, "s", HELLO)
@@ -279,7 +268,7 @@ async def test_concurrent_enqueues_queue_exactly_one_job(store: RedisStore) -> N
     await append(store, "s", HELLO)
     results = await asyncio.gather(*(store.enqueue_update(T, "s", reason="turn") for _ in range(20)))
     assert results.count(True) == 1
-    assert await store.client.xlen(store.jobs_stream) == 1
+    assert await store.client.xlen(store.jobs.stream) == 1
 
 
 async def test_job_ids_are_deterministic_and_teach_counter_never_decreases(store: RedisStore) -> None:
@@ -315,7 +304,7 @@ async def test_read_ack_and_queue_depth(store: RedisStore) -> None:
     assert await store.queue_depth() == 3  # 2 delivered but unacked + 1 unread
     await store.ack(jobs[0])
     assert await store.queue_depth() == 2
-    assert await store.client.xlen(store.jobs_stream) == 2  # acked jobs are deleted
+    assert await store.client.xlen(store.jobs.stream) == 2  # acked jobs are deleted
     (last,) = await store.read_jobs("w", count=5)
     await store.ack(jobs[1])
     await store.ack(last)
@@ -331,10 +320,10 @@ async def test_reclaim_takes_over_a_job_nobody_acked(store: RedisStore) -> None:
     await asyncio.sleep(0.1)
     (found,) = await store.reclaim("rescuer", min_idle_ms=50)
     assert (found.stream_id, found.job_id) == (lost.stream_id, lost.job_id)
-    pending = await store.client.xpending_range(store.jobs_stream, store.group, "-", "+", 10)
+    pending = await store.client.xpending_range(store.jobs.stream, store.jobs.group, "-", "+", 10)
     assert [p["consumer"] for p in pending] == [b"rescuer"]
     await store.ack(found)
-    assert await store.client.xpending(store.jobs_stream, store.group) == {
+    assert await store.client.xpending(store.jobs.stream, store.jobs.group) == {
         "pending": 0,
         "min": None,
         "max": None,
@@ -347,7 +336,7 @@ async def test_reclaim_skips_entries_deleted_while_pending(store: RedisStore) ->
         await append(store, sid, HELLO)
         await store.enqueue_update(T, sid, reason="turn")
     gone, kept = await store.read_jobs("crashed", count=2)
-    await store.client.xdel(store.jobs_stream, gone.stream_id)
+    await store.client.xdel(store.jobs.stream, gone.stream_id)
     await asyncio.sleep(0.06)
     assert [j.sid for j in await store.reclaim("rescuer", min_idle_ms=50)] == [kept.sid]
     assert await store.queue_depth() == 1

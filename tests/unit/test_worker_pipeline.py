@@ -62,6 +62,14 @@ async def wait_for(condition: Any, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def drained(store: RedisStore, timeout: float = 10.0) -> None:
+    """Until every queued job is done: acked and deleted from the stream."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while await store.queue_depth() > 0:
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
 @contextlib.asynccontextmanager
 async def running(store: RedisStore, pipeline: int) -> AsyncIterator[tuple[UpdateWorker, GatedRuntime, TimedPreparer]]:
     """A worker running on the stream with a gated trainer; 'first' is queued and training when it yields."""
@@ -80,13 +88,13 @@ async def running(store: RedisStore, pipeline: int) -> AsyncIterator[tuple[Updat
 
 
 async def test_the_next_group_extracts_while_the_previous_one_trains(store: RedisStore) -> None:
-    async with running(store, pipeline=2) as (worker, runtime, preparer):
+    async with running(store, pipeline=2) as (_, runtime, preparer):
         await queue(store, "default", "second")
         await wait_for(lambda: "second" in preparer.during_training)
         assert preparer.during_training == {"first": False, "second": True}
         await asyncio.sleep(0.3)  # the second group now waits for the trainer
         runtime.release.set()
-        await wait_for(lambda: worker.jobs_done >= 2)
+        await drained(store)
         waits = {}
         for sid in ("first", "second"):
             state = await store.get_session("default", sid)
@@ -97,12 +105,12 @@ async def test_the_next_group_extracts_while_the_previous_one_trains(store: Redi
 
 
 async def test_one_group_at_a_time_without_a_pipeline(store: RedisStore) -> None:
-    async with running(store, pipeline=1) as (worker, runtime, preparer):
+    async with running(store, pipeline=1) as (_, runtime, preparer):
         await queue(store, "default", "second")
         await asyncio.sleep(1.0)
         assert "second" not in preparer.during_training  # claimed only after the first group is done
         runtime.release.set()
-        await wait_for(lambda: worker.jobs_done >= 2)
+        await drained(store)
         assert preparer.during_training["second"] is False
 
 

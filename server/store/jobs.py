@@ -1,9 +1,9 @@
-"""The job half of the Redis store: the update stream, its consumer group, version announcements.
+"""The update job queue: one Redis Stream, its consumer group, the dead letters, the tenants' update budgets.
 
-Jobs live on one Redis Stream (`{prefix}:jobs`) read through one consumer group (`{prefix}:workers`),
-as taskiq-redis and arq do: the group is created at start-up, a job is acknowledged (and deleted)
-only after its result is durable, and a crashed consumer's jobs are reclaimed with XAUTOCLAIM. At
-most one job per session is pending: a flag in the session's meta hash coalesces the rest.
+Jobs live on one stream (`{prefix}:jobs`) read through one consumer group (`{prefix}:workers`), as
+taskiq-redis and arq do: the group is created at start-up, a job is acknowledged (and deleted) only
+after its result is durable, and a crashed consumer's jobs are reclaimed with XAUTOCLAIM. At most one
+job per session is pending: a flag in the session's meta hash coalesces the rest.
 
 A job that keeps failing is retried at most `max_job_attempts` times (the stream's own delivery count),
 then moved to the dead-letter stream `{prefix}:jobs:dead` and acknowledged, so it cannot be reclaimed
@@ -13,63 +13,25 @@ holds only jobs not yet done, and a trim would drop them silently.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from tmem.server import store_scripts as lua
+import tmem.server.store.scripts as lua
+from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT
+from tmem.server.store.errors import QueueFull, faults_as_unavailable
+from tmem.server.store.keys import KeyLayout
+from tmem.server.store.limits import StoreLimits
+from tmem.server.store.replies import as_str
 
 log = logging.getLogger(__name__)
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-class StoreUnavailable(Exception):
-    """Redis could not be reached (after the client's bounded retries); the HTTP layer answers 503."""
-
-
-class StoreFull(StoreUnavailable):
-    """Redis refused a command at maxmemory (noeviction: it never drops data to make room); also a 503."""
-
-
-class QueueFull(Exception):
-    """The update queue holds `job_stream_maxlen` jobs; nothing was written (the HTTP layer answers 503)."""
-
-
-class SessionNotFound(Exception):
-    """The session does not exist (or was deleted meanwhile): writes never recreate a session."""
-
-
 DEAD_LETTERS_KEPT = 10_000  # dead letters are a record for operators, not work: trimming the oldest is fine
-
-
-@dataclass(frozen=True)
-class StoreLimits:
-    """Bounds on what one session and the job queue may hold in Redis (see Settings for each)."""
-
-    max_checkpoints: int = 8
-    max_session_messages: int = 20_000
-    max_session_bytes: int = 16_000_000
-    idempotency_ttl_s: int = 86_400
-    max_idempotency_keys: int = 1024
-    job_stream_maxlen: int = 100_000
-    job_stale_after_s: float = 900.0
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> StoreLimits:
-        """The limits configured in `tmem.server.settings.Settings` (duck-typed: the store does not import it)."""
-        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls) if hasattr(settings, f.name)})
+StreamFields = dict[FieldT, EncodableT]  # what XADD takes
 
 
 @dataclass(frozen=True)
@@ -87,65 +49,21 @@ class Job:
     deliveries: int = 1  # times the stream delivered this job, this delivery included
 
 
-@dataclass(frozen=True)
-class VersionEvent:
-    """A session's version after a commit, as announced on the versions channel."""
-
-    tenant: str
-    sid: str
-    version: int
-
-
-def faults_as_unavailable(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn redis-py's connection and timeout errors into StoreUnavailable: one mapping for every method."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
-        except OutOfMemoryError as exc:  # "OOM command not allowed...": transient for us, a full disk to the operator
-            raise StoreFull(f"Redis is out of memory: {exc}") from exc
-
-    return wrapper
-
-
-def as_str(value: bytes | str | None, default: str = "") -> str:
-    """Decode a reply value (the client runs with decode_responses=False, as checkpoints are bytes)."""
-    if value is None:
-        return default
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def as_bytes(value: bytes | str) -> bytes:
-    """A reply value as bytes."""
-    return value if isinstance(value, bytes) else value.encode()
-
-
 class JobQueue:
-    """Session update jobs on a Redis Stream; the base of RedisStore, which adds the session keys."""
+    """Session update jobs on a Redis Stream; held by RedisStore. Redis faults surface as StoreUnavailable."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "tmem", max_block_ms: int = 30_000,
-                 limits: StoreLimits | None = None) -> None:
-        self._redis, self.prefix, self._max_block_ms = client, prefix, max_block_ms
-        self.limits = limits or StoreLimits()
-        self.jobs_stream, self.group = f"{prefix}:jobs", f"{prefix}:workers"
-        self.dead_letters = f"{prefix}:jobs:dead"
-        self.versions_channel = f"{prefix}:versions"
+    def __init__(self, client: aioredis.Redis, keys: KeyLayout, limits: StoreLimits,
+                 max_block_ms: int = 30_000) -> None:
+        self._redis, self.keys, self.limits, self._max_block_ms = client, keys, limits, max_block_ms
+        self.stream, self.group, self.dead_letters = keys.jobs_stream, keys.workers_group, keys.dead_letters
         self._enqueue = client.register_script(lua.ENQUEUE_JOB)
         self._take_budget = client.register_script(lua.TAKE_UPDATE_BUDGET)
 
-    def _key(self, tenant: str, sid: str, suffix: str) -> str:
-        """A per-session key; the `{tenant:sid}` hash tag keeps one session on one cluster slot."""
-        return f"{self.prefix}:{{{tenant}:{sid}}}:{suffix}"
-
-    # -- jobs: one stream, one consumer group, at most one pending job per session ------------------
     @faults_as_unavailable
     async def ensure_group(self) -> None:
         """Create the stream and its consumer group when missing; safe to call from every process."""
         try:
-            await self._redis.xgroup_create(self.jobs_stream, self.group, id="0", mkstream=True)
+            await self._redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -158,20 +76,20 @@ class JobQueue:
         queues even when a job is pending: duplicates are harmless, since the worker's per-session lock
         and snapshot/commit make a job with nothing new a no-op. Raises QueueFull at the queue's cap.
         """
-        keys = [self._key(tenant, sid, "meta"), self.jobs_stream]
-        (status,) = await self._enqueue(keys=keys, args=[time.time(), *self._queue_args(reason, tenant, sid, force)])
+        keys = [self.keys.session(tenant, sid, "meta"), self.stream]
+        (status,) = await self._enqueue(keys=keys, args=[time.time(), *self.queue_args(reason, tenant, sid, force)])
         if status == -3:
             raise QueueFull(f"the update queue is full ({self.limits.job_stream_maxlen} jobs)")
         return bool(status == 1)
 
-    def _queue_args(self, reason: str, tenant: str, sid: str, force: bool = False) -> list[Any]:
+    def queue_args(self, reason: str, tenant: str, sid: str, force: bool = False) -> list[Any]:
         """The ARGV tail the queuing scripts share, after `now`: stale_after_s, force, reason, tenant, sid, maxlen."""
         return [self.limits.job_stale_after_s, int(force), reason, tenant, sid, self.limits.job_stream_maxlen]
 
     @faults_as_unavailable
     async def clear_pending_flag(self, tenant: str, sid: str) -> None:
         """Called when a worker STARTS an update: a turn arriving meanwhile queues exactly one more job."""
-        await self._redis.hdel(self._key(tenant, sid, "meta"), "job_pending_since")
+        await self._redis.hdel(self.keys.session(tenant, sid, "meta"), "job_pending_since")
 
     @faults_as_unavailable
     async def read_jobs(self, consumer: str, count: int = 1, block_ms: int | None = None) -> list[Job]:
@@ -179,7 +97,7 @@ class JobQueue:
         block = None if block_ms is None else max(1, min(block_ms, self._max_block_ms))
         try:
             reply = await self._redis.xreadgroup(
-                self.group, consumer, {self.jobs_stream: ">"}, count=count, block=block
+                self.group, consumer, {self.stream: ">"}, count=count, block=block
             )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
@@ -198,7 +116,7 @@ class JobQueue:
         cursor: bytes | str = "0-0"
         while len(jobs) < count:
             reply = await self._redis.xautoclaim(
-                self.jobs_stream, self.group, consumer, min_idle_ms, start_id=cursor, count=count - len(jobs)
+                self.stream, self.group, consumer, min_idle_ms, start_id=cursor, count=count - len(jobs)
             )
             # Redis 7 replies [cursor, entries, deleted ids] and drops deleted ids from the PEL itself;
             # Redis 6.2 lists a deleted entry as (None, None) among the entries, skipped by _parse_jobs.
@@ -214,7 +132,7 @@ class JobQueue:
             return jobs
         async with self._redis.pipeline(transaction=False) as pipe:
             for job in jobs:
-                pipe.xpending_range(self.jobs_stream, self.group, min=job.stream_id, max=job.stream_id, count=1)
+                pipe.xpending_range(self.stream, self.group, min=job.stream_id, max=job.stream_id, count=1)
             replies = await pipe.execute()
         counts = [int(r[0]["times_delivered"]) if r else job.deliveries for job, r in zip(jobs, replies, strict=True)]
         return [dataclasses.replace(job, deliveries=n) for job, n in zip(jobs, counts, strict=True)]
@@ -223,17 +141,18 @@ class JobQueue:
     async def ack(self, job: Job) -> None:
         """Acknowledge and delete a finished job: the stream holds only jobs not yet done."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.jobs_stream, self.group, job.stream_id)
-            pipe.xdel(self.jobs_stream, job.stream_id)
+            pipe.xack(self.stream, self.group, job.stream_id)
+            pipe.xdel(self.stream, job.stream_id)
             await pipe.execute()
 
     @faults_as_unavailable
     async def dead_letter(self, job: Job, error: str) -> None:
         """Give up on a job: record it with its error on the dead-letter stream, then ack and delete it."""
-        fields = {**_job_fields(job), "error": error[:2000], "deliveries": job.deliveries, "failed_at": time.time()}
+        fields: StreamFields = {**_job_fields(job), "error": error[:2000], "deliveries": job.deliveries,
+                                "failed_at": time.time()}
         # Dead letter first, ack second (two slots on a cluster, so not one transaction): a fault between
         # them leaves the job pending and recorded twice at worst, never lost.
-        await self._redis.xadd(self.dead_letters, fields, maxlen=DEAD_LETTERS_KEPT, approximate=True)  # type: ignore[arg-type]
+        await self._redis.xadd(self.dead_letters, fields, maxlen=DEAD_LETTERS_KEPT, approximate=True)
         await self.ack(job)
 
     @faults_as_unavailable
@@ -246,7 +165,7 @@ class JobQueue:
     async def defer(self, job: Job) -> None:
         """Move a job to the back of the queue, as not yet tried (its tenant is over budget, or its session is
         busy on another worker): re-add it, then ack the original."""
-        await self._redis.xadd(self.jobs_stream, _job_fields(job))  # type: ignore[arg-type]
+        await self._redis.xadd(self.stream, _job_fields(job))
         await self.ack(job)
 
     @faults_as_unavailable
@@ -254,7 +173,7 @@ class JobQueue:
         """Reset the idle time of jobs still being worked on (XCLAIM JUSTID, which counts no delivery), so a
         long update is not reclaimed by another worker and charged an attempt it never made."""
         if jobs:
-            await self._redis.xclaim(self.jobs_stream, self.group, consumer, 0,
+            await self._redis.xclaim(self.stream, self.group, consumer, 0,
                                      [job.stream_id for job in jobs], justid=True)
 
     @faults_as_unavailable
@@ -262,15 +181,15 @@ class JobQueue:
         """Count one update against the tenant's budget for this minute; False (counting nothing) when spent."""
         if per_minute <= 0:
             return True
-        key = f"{self.prefix}:update-budget:{{{tenant}}}:{int(time.time() // 60)}"
+        key = self.keys.update_budget(tenant, int(time.time() // 60))
         return bool(await self._take_budget(keys=[key], args=[per_minute]))
 
     @faults_as_unavailable
     async def queue_depth(self) -> int:
         """Jobs not yet done: delivered but unacked (XPENDING) plus never delivered."""
         try:
-            groups = await self._redis.xinfo_groups(self.jobs_stream)
-            length = int(await self._redis.xlen(self.jobs_stream))
+            groups = await self._redis.xinfo_groups(self.stream)
+            length = int(await self._redis.xlen(self.stream))
         except ResponseError:
             return 0  # no stream yet
         group = next((g for g in groups if as_str(g.get("name")) == self.group), None)
@@ -303,62 +222,12 @@ class JobQueue:
                 broken.append(as_str(stream_id))
         if broken:  # a malformed entry would be reclaimed forever; drop it
             log.warning("dropping %d malformed job entries: %s", len(broken), broken[:5])
-            await self._redis.xack(self.jobs_stream, self.group, *broken)
-            await self._redis.xdel(self.jobs_stream, *broken)
+            await self._redis.xack(self.stream, self.group, *broken)
+            await self._redis.xdel(self.stream, *broken)
         return jobs
 
-    # -- version announcements ----------------------------------------------------------------------
-    def subscribe_versions(self) -> VersionSubscription:
-        """Version events from every replica's commits: `async with store.subscribe_versions() as events`."""
-        return VersionSubscription(self._redis, self.versions_channel)
 
-
-def _job_fields(job: Job) -> dict[str, Any]:
+def _job_fields(job: Job) -> StreamFields:
     """A job as stream fields (what the queuing scripts write)."""
     return {"job_id": job.job_id, "tenant": job.tenant, "sid": job.sid, "reason": job.reason,
             "force": int(job.force), "enqueued_at": job.enqueued_at, "incarnation": job.incarnation}
-
-
-class VersionSubscription:
-    """An async iterator of VersionEvent; subscribed on enter (or first next), unsubscribed on exit."""
-
-    def __init__(self, client: aioredis.Redis, channel: str) -> None:
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
-        self._channel, self._subscribed = channel, False
-
-    @faults_as_unavailable
-    async def start(self) -> None:
-        """Subscribe now, so that no event published after this returns is missed."""
-        if not self._subscribed:
-            await self._pubsub.subscribe(self._channel)
-            self._subscribed = True
-
-    async def aclose(self) -> None:
-        """Unsubscribe and release the connection."""
-        with contextlib.suppress(RedisConnectionError, RedisTimeoutError):  # the connection is gone anyway
-            await self._pubsub.aclose()
-
-    async def __aenter__(self) -> VersionSubscription:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
-    def __aiter__(self) -> AsyncIterator[VersionEvent]:
-        return self
-
-    @faults_as_unavailable
-    async def __anext__(self) -> VersionEvent:
-        await self.start()
-        while True:
-            message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is None or message.get("type") != "message":
-                continue
-            try:
-                body = json.loads(message["data"])
-                return VersionEvent(tenant=str(body["tenant"]), sid=str(body["sid"]), version=int(body["version"]))
-            except (KeyError, TypeError, ValueError):
-                log.warning("ignoring a malformed version event: %r", message.get("data"))

@@ -1,23 +1,11 @@
-"""The Redis store: session state, turns, summary, adapter checkpoints, the update job queue.
+"""The Redis store: session state, turns, teach pairs, memories, adapter checkpoints, the per-session
+update lock and the shared A0, with the job queue and the rate-limit counters it holds.
 
-Redis is the source of truth; no replica keeps state that is not also here. Every per-session key
-carries the hash tag `{tenant:sid}` (e.g. `tmem:{default:alice}:meta`) so a Redis Cluster keeps one
-session on one slot and its Lua scripts stay single-slot. `tenant` and `sid` are validated by the
-caller and must not contain braces.
-
-Keys, per session: `:meta` (hash, with a random `incarnation` set at creation), `:turns` (list of
-message JSON), `:teach` (list of pair JSON), `:memories` (list of the pairs learned from, JSON,
-bounded), `:ckpt:{n}` (hash: data, sha256, created_at; the newest `max_checkpoints` kept),
-`:idem:{key}` (string "request-sha256|result", TTL), `:idem` (sorted set of those keys by time, to
-bound their number), `:lock`, `:keys` (set of the dynamic keys above, so deletion needs no SCAN).
-Global: `{prefix}:a0v2:{identity}` (hash: data, sha256; written once); the job stream, its consumer
-group, the dead letters and the versions channel are in `tmem.server.store_jobs`. Lua scripts are in
-`tmem.server.store_scripts`.
-
-Only `ensure_session` creates a session; every other write refuses a missing one, so a request or
-a worker still running when the session is deleted cannot bring it back. Storing a turn and queuing
-its update job is one script: that needs the job stream on the session's node (one Redis, or one
-shard), which is how the product runs today.
+Redis is the source of truth; no replica keeps state that is not also here. Key names are in
+`keys.py`, Lua scripts in `scripts.py`. Only `ensure_session` creates a session; every other write
+refuses a missing one, so a request or a worker still running when the session is deleted cannot bring
+it back. Storing a turn and queuing its update job is one script: that needs the job stream on the
+session's node (one Redis, or one shard), which is how the product runs today.
 """
 
 from __future__ import annotations
@@ -27,165 +15,44 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel
+import tmem.server.store.errors as refused
+import tmem.server.store.scripts as lua
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
-from tmem.server import store_scripts as lua
-from tmem.server.store_jobs import (
-    Job,
-    JobQueue,
-    QueueFull,
-    SessionNotFound,
-    StoreLimits,
-    StoreUnavailable,
-    VersionEvent,
-    VersionSubscription,
-    as_bytes,
-    as_str,
-    faults_as_unavailable,
+from tmem.server.store.checkpoints import StoredCheckpoint
+from tmem.server.store.errors import faults_as_unavailable
+from tmem.server.store.jobs import Job, JobQueue
+from tmem.server.store.keys import KeyLayout
+from tmem.server.store.limits import StoreLimits
+from tmem.server.store.ratelimits import RateLimitCounters
+from tmem.server.store.records import (
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    AppendResult,
+    CommitResult,
+    SessionState,
+    UpdateSnapshot,
 )
-
-__all__ = [
-    "MAX_IDEMPOTENCY_KEY_CHARS",
-    "A0Corrupt",
-    "AppendResult",
-    "CommitResult",
-    "IdempotencyKeyReused",
-    "InvalidIdempotencyKey",
-    "Job",
-    "QueueFull",
-    "RedisStore",
-    "SessionFull",
-    "SessionNotFound",
-    "SessionState",
-    "StaleSnapshot",
-    "StoreLimits",
-    "StoreUnavailable",
-    "StoredCheckpoint",
-    "UpdateSnapshot",
-    "VersionEvent",
-    "VersionSubscription",
-]
+from tmem.server.store.replies import as_bytes, as_str
 
 
-MAX_IDEMPOTENCY_KEY_CHARS = 255  # as Stripe: room for a UUID or a client's own scheme, not for a payload
+class RedisStore:
+    """All TMEM state in Redis, behind async methods; Redis faults surface as StoreUnavailable.
 
-
-class StaleSnapshot(Exception):
-    """The session changed (another commit, or deletion) since the snapshot was taken; nothing was written."""
-
-
-class SessionFull(Exception):
-    """The session holds `max_session_messages` messages or `max_session_bytes` bytes; nothing was written."""
-
-    def __init__(self, message: str, limit: str) -> None:
-        super().__init__(message)
-        self.limit = limit  # "turns" or "bytes"
-
-
-class IdempotencyKeyReused(Exception):
-    """The idempotency key was already used for a different request; nothing was written."""
-
-
-class InvalidIdempotencyKey(ValueError):
-    """An idempotency key that is empty or longer than MAX_IDEMPOTENCY_KEY_CHARS."""
-
-
-class A0Corrupt(Exception):
-    """The stored A0 does not match its stored sha256, or not the shapes this worker trains against."""
-
-
-def request_fingerprint(body: Any) -> str:
-    """The sha256 of a request body as canonical JSON: what an idempotency key is bound to."""
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-class SessionState(BaseModel):
-    """One session as the server sees it."""
-
-    session_id: str
-    tenant: str
-    adapter_version: int = 0  # 0 = the base model, no adapter
-    adapter_sha256: str | None = None
-    turns: int = 0  # messages stored
-    absorbed_turns: int = 0  # messages already turned into an update
-    teach_pending: int = 0  # taught pairs waiting for the next update
-    summary: str = ""
-    created_at: float = 0.0
-    updated_at: float = 0.0
-    job_pending: bool = False
-    last_error: str | None = None
-    last_job: str | None = None  # job_id of the last commit: a job with this id has nothing left to do
-    last_update: dict[str, Any] | None = None  # what the last committed update did (pairs, fallback, summary)
-
-    @property
-    def pending_updates(self) -> int:
-        """Messages plus taught pairs not yet absorbed into the adapter (0 = the adapter is current)."""
-        return max(0, self.turns - self.absorbed_turns) + self.teach_pending
-
-
-@dataclass(frozen=True)
-class AppendResult:
-    """Outcome of append_turns; a duplicate carries the result stored by the first call."""
-
-    turns_total: int
-    appended: int
-    duplicate: bool
-    queued: bool = False  # an update job was queued in the same step
-
-
-@dataclass(frozen=True)
-class UpdateSnapshot:
-    """What one update consumes: the unabsorbed turns and all pending teach pairs, at one instant."""
-
-    version: int
-    generation: int  # commits so far; commit_update refuses a snapshot whose generation moved on
-    absorbed_turns: int
-    turns_total: int
-    new_turns: list[dict[str, Any]] = field(default_factory=list)
-    teach_pairs: list[dict[str, Any]] = field(default_factory=list)
-    teach_count: int = 0
-    summary: str = ""
-    incarnation: str = ""  # the session this snapshot read; a commit into a recreated session is refused
-
-
-@dataclass(frozen=True)
-class CommitResult:
-    """The session's version after a commit, and whether this commit created it."""
-
-    version: int
-    bumped: bool
-
-
-@dataclass(frozen=True)
-class StoredCheckpoint:
-    """One adapter version's bytes as stored."""
-
-    version: int
-    data: bytes
-    sha256: str
-    created_at: float
-
-
-def _glob_escape(text: str) -> str:
-    """Escape Redis glob metacharacters so a session id like `a*` matches only itself."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-class RedisStore(JobQueue):
-    """All TMEM state in Redis, behind async methods; Redis faults surface as StoreUnavailable."""
+    It holds the job queue (`jobs`) and the rate-limit counters (`rate_limits`) over the same client.
+    """
 
     def __init__(self, client: aioredis.Redis, prefix: str = "tmem", max_block_ms: int = 30_000,
                  limits: StoreLimits | None = None) -> None:
-        super().__init__(client, prefix, max_block_ms, limits)
+        self._redis, self.prefix, self.keys = client, prefix, KeyLayout(prefix)
+        self.limits = limits or StoreLimits()
+        self.jobs = JobQueue(client, self.keys, self.limits, max_block_ms)
+        self.rate_limits = RateLimitCounters(client, self.keys)
         self._append = client.register_script(lua.APPEND_TURNS)
         self._add_teach = client.register_script(lua.ADD_TEACH_PAIRS)
         self._snapshot = client.register_script(lua.SNAPSHOT)
@@ -230,10 +97,61 @@ class RedisStore(JobQueue):
         """Close the client's connections."""
         await self._redis.aclose()
 
-    # -- keys ---------------------------------------------------------------------------------------
+    # -- the job queue, for callers that hold the store (the work is in `self.jobs`) ----------------
+    async def ensure_group(self) -> None:
+        """Create the job stream and its consumer group when missing."""
+        await self.jobs.ensure_group()
+
+    async def enqueue_update(self, tenant: str, sid: str, reason: str, force: bool = False) -> bool:
+        """Queue the session's update unless one is pending; False when coalesced (JobQueue.enqueue_update)."""
+        return await self.jobs.enqueue_update(tenant, sid, reason, force)
+
+    async def clear_pending_flag(self, tenant: str, sid: str) -> None:
+        """Let the session's next turn queue a new job (a worker is starting its update)."""
+        await self.jobs.clear_pending_flag(tenant, sid)
+
+    async def read_jobs(self, consumer: str, count: int = 1, block_ms: int | None = None) -> list[Job]:
+        """New jobs for this consumer (JobQueue.read_jobs)."""
+        return await self.jobs.read_jobs(consumer, count, block_ms)
+
+    async def reclaim(self, consumer: str, min_idle_ms: int, count: int = 10) -> list[Job]:
+        """Take over jobs left unacked by another consumer (JobQueue.reclaim)."""
+        return await self.jobs.reclaim(consumer, min_idle_ms, count)
+
+    async def ack(self, job: Job) -> None:
+        """Acknowledge and delete a finished job."""
+        await self.jobs.ack(job)
+
+    async def dead_letter(self, job: Job, error: str) -> None:
+        """Give up on a job, recording it with its error."""
+        await self.jobs.dead_letter(job, error)
+
+    async def read_dead_letters(self, count: int = 100) -> list[dict[str, str]]:
+        """The newest dead letters, oldest first."""
+        return await self.jobs.read_dead_letters(count)
+
+    async def defer(self, job: Job) -> None:
+        """Move a job, untried, to the back of the queue."""
+        await self.jobs.defer(job)
+
+    async def touch(self, consumer: str, jobs: Sequence[Job]) -> None:
+        """Keep jobs still being worked on from being reclaimed."""
+        await self.jobs.touch(consumer, jobs)
+
+    async def take_update_budget(self, tenant: str, per_minute: int) -> bool:
+        """Count one update against the tenant's budget for this minute; False when spent."""
+        return await self.jobs.take_update_budget(tenant, per_minute)
+
+    async def queue_depth(self) -> int:
+        """Jobs not yet done."""
+        return await self.jobs.queue_depth()
+
+    def _key(self, tenant: str, sid: str, part: str) -> str:
+        return self.keys.session(tenant, sid, part)
+
     def session_pattern(self, tenant: str, sid: str) -> str:
         """The SCAN pattern matching every key of one session."""
-        return f"{_glob_escape(self.prefix)}:{{{_glob_escape(tenant)}:{_glob_escape(sid)}}}:*"
+        return self.keys.session_pattern(tenant, sid)
 
     # -- sessions -----------------------------------------------------------------------------------
     async def ping(self) -> bool:
@@ -281,7 +199,7 @@ class RedisStore(JobQueue):
             pipe.hsetnx(self._key(tenant, sid, "meta"), "incarnation", uuid.uuid4().hex)
             await pipe.execute()
         # The tenant's session index lives in another slot, so it is written outside the transaction.
-        await self._redis.sadd(self._tenant_sessions_key(tenant), sid)
+        await self._redis.sadd(self.keys.tenant_sessions(tenant), sid)
         state = await self.get_session(tenant, sid)
         if state is None:  # deleted between the two steps: report a fresh, empty session
             return SessionState(session_id=sid, tenant=tenant, created_at=now, updated_at=now)
@@ -307,14 +225,14 @@ class RedisStore(JobQueue):
         for m in messages:
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError("every message needs a string 'role' and 'content'")
-        keys = [self._key(tenant, sid, s) for s in ("meta", "turns", "keys", "idem")] + [self.jobs_stream]
+        keys = [self._key(tenant, sid, s) for s in ("meta", "turns", "keys", "idem")] + [self.jobs.stream]
         if idempotency_key is not None:
             keys.append(self._key(tenant, sid, f"idem:{_checked_idempotency_key(idempotency_key)}"))
         limits = self.limits
         now = time.time()
         args: list[Any] = [now, limits.idempotency_ttl_s, request_sha256, limits.max_session_messages,
                            limits.max_session_bytes, limits.max_idempotency_keys, int(enqueue is not None),
-                           *self._queue_args(enqueue or "", tenant, sid),
+                           *self.jobs.queue_args(enqueue or "", tenant, sid),
                            *(json.dumps(m, ensure_ascii=False) for m in messages)]
         status, *rest = await self._append(keys=keys, args=args)
         self._raise_for_append(status, rest, tenant, sid)
@@ -324,17 +242,17 @@ class RedisStore(JobQueue):
 
     def _raise_for_append(self, status: int, rest: list[Any], tenant: str, sid: str) -> None:
         if status == -1:
-            raise SessionNotFound(f"session '{sid}' does not exist (deleted?)")
+            raise refused.SessionNotFound(f"session '{sid}' does not exist (deleted?)")
         if status == -2:
             limit = as_str(rest[0])
             cap = self.limits.max_session_messages if limit == "turns" else self.limits.max_session_bytes
             what = "messages" if limit == "turns" else "bytes of messages"
-            raise SessionFull(f"session '{sid}' is full: it may hold at most {cap} {what}; start a new session "
+            raise refused.SessionFull(f"session '{sid}' is full: it may hold at most {cap} {what}; start a new session "
                               "or delete this one", limit=limit)
         if status == -3:
-            raise QueueFull(f"the update queue is full ({self.limits.job_stream_maxlen} jobs)")
+            raise refused.QueueFull(f"the update queue is full ({self.limits.job_stream_maxlen} jobs)")
         if status == -4:
-            raise IdempotencyKeyReused("this Idempotency-Key was already used with a different request body")
+            raise refused.IdempotencyKeyReused("this Idempotency-Key was already used with a different request body")
 
     @faults_as_unavailable
     async def get_turns(self, tenant: str, sid: str, start: int = 0, end: int = -1) -> list[dict[str, Any]]:
@@ -355,7 +273,7 @@ class RedisStore(JobQueue):
         pending = int(await self._add_teach(keys=keys, args=[time.time(), *(json.dumps(p, ensure_ascii=False)
                                                                            for p in pairs)]))
         if pending < 0:
-            raise SessionNotFound(f"session '{sid}' does not exist (deleted?)")
+            raise refused.SessionNotFound(f"session '{sid}' does not exist (deleted?)")
         return pending
 
     @faults_as_unavailable
@@ -391,16 +309,13 @@ class RedisStore(JobQueue):
                     break
                 except WatchError:
                     continue
-        await self._redis.srem(self._tenant_sessions_key(tenant), sid)
+        await self._redis.srem(self.keys.tenant_sessions(tenant), sid)
         return int(removed) > 0
-
-    def _tenant_sessions_key(self, tenant: str) -> str:
-        return f"{self.prefix}:tenant:{{{tenant}}}:sessions"
 
     @faults_as_unavailable
     async def count_sessions(self, tenant: str) -> int:
         """How many sessions the tenant holds (for the per-tenant session cap)."""
-        return int(await self._redis.scard(self._tenant_sessions_key(tenant)))
+        return int(await self._redis.scard(self.keys.tenant_sessions(tenant)))
 
     # -- updates ------------------------------------------------------------------------------------
     @faults_as_unavailable
@@ -444,14 +359,14 @@ class RedisStore(JobQueue):
         the newest `max_checkpoints` are deleted in the same step.
 
         Raises StaleSnapshot (writing nothing) when another commit happened since the snapshot, or the
-        session was deleted (even if recreated since). Announces the resulting version on the versions channel.
+        session was deleted (even if recreated since).
         """
         if checkpoint is not None and not sha256:
             raise ValueError("a checkpoint needs its sha256")
         keys = [
             self._key(tenant, sid, "meta"),
             self._key(tenant, sid, "teach"),
-            self._key(tenant, sid, f"ckpt:{snapshot.version + 1}"),
+            self.keys.checkpoint(tenant, sid, snapshot.version + 1),
             self._key(tenant, sid, "keys"),
             self._key(tenant, sid, "memories"),
         ]
@@ -467,9 +382,6 @@ class RedisStore(JobQueue):
             summary or "",
             job_id,
             time.time(),
-            self.versions_channel,
-            tenant,
-            sid,
             max(1, max_memories),
             json.dumps(report or {}, ensure_ascii=False),
             snapshot.incarnation,
@@ -478,9 +390,9 @@ class RedisStore(JobQueue):
         ]
         status, *rest = await self._commit(keys=keys, args=args)
         if status == -1:
-            raise StaleSnapshot(f"session {tenant}/{sid} no longer exists (or was deleted and recreated)")
+            raise refused.StaleSnapshot(f"session {tenant}/{sid} no longer exists (or was deleted and recreated)")
         if status == 0:
-            raise StaleSnapshot(
+            raise refused.StaleSnapshot(
                 f"session {tenant}/{sid} moved on from version {snapshot.version} (now {rest[0]}) since the snapshot"
             )
         return CommitResult(version=int(rest[0]), bumped=bool(rest[1]))
@@ -494,20 +406,13 @@ class RedisStore(JobQueue):
     @faults_as_unavailable
     async def get_checkpoint(self, tenant: str, sid: str, version: int) -> StoredCheckpoint | None:
         """The stored bytes of one adapter version, or None."""
-        raw = await self._redis.hgetall(self._key(tenant, sid, f"ckpt:{version}"))
-        if not raw or b"data" not in raw:
-            return None
-        return StoredCheckpoint(
-            version=version,
-            data=as_bytes(raw[b"data"]),
-            sha256=as_str(raw.get(b"sha256")),
-            created_at=float(as_str(raw.get(b"created_at"), "0")),
-        )
+        raw = await self._redis.hgetall(self.keys.checkpoint(tenant, sid, version))
+        return StoredCheckpoint.from_hash(version, raw)
 
     @faults_as_unavailable
     async def list_versions(self, tenant: str, sid: str) -> list[int]:
         """Every adapter version with a stored checkpoint, ascending."""
-        marker = self._key(tenant, sid, "ckpt:")
+        marker = self.keys.checkpoints(tenant, sid)
         members = (as_str(m) for m in await self._redis.smembers(self._key(tenant, sid, "keys")))
         return sorted(int(m[len(marker) :]) for m in members if m.startswith(marker))
 
@@ -528,10 +433,6 @@ class RedisStore(JobQueue):
         return bool(await self._release_lock(keys=[self._key(tenant, sid, "lock")], args=[owner]))
 
     # -- A0 (per base model, shared by every session) -----------------------------------------------
-    def _a0_key(self, identity: str) -> str:
-        # v2: a hash {data, sha256}; v1 was a bare string written by every worker (last writer won).
-        return f"{self.prefix}:a0v2:{identity}"
-
     @faults_as_unavailable
     async def put_a0(self, identity: str, data: bytes) -> bytes:
         """Publish the frozen A0 of one base model unless one is stored already; returns the stored A0.
@@ -539,31 +440,31 @@ class RedisStore(JobQueue):
         The first writer wins (HSETNX in one transaction): a later worker whose A0 differs (another
         device's SVD, say) must adopt the returned one, which is what every replica serves.
         """
-        key = self._a0_key(identity)
+        key = self.keys.a0(identity)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hsetnx(key, "data", data)
             pipe.hsetnx(key, "sha256", hashlib.sha256(data).hexdigest())
             await pipe.execute()
         stored = await self.get_a0(identity)
         if stored is None:  # only a concurrent FLUSH/DEL gets here
-            raise A0Corrupt(f"A0 {identity} vanished right after it was written")
+            raise refused.A0Corrupt(f"A0 {identity} vanished right after it was written")
         return stored
 
     @faults_as_unavailable
     async def get_a0(self, identity: str) -> bytes | None:
         """The A0 blob of one base model, verified against its stored sha256; None when absent."""
-        raw = await self._redis.hgetall(self._a0_key(identity))
+        raw = await self._redis.hgetall(self.keys.a0(identity))
         if not raw:
             return None
         data, expected = as_bytes(raw.get(b"data", b"")), as_str(raw.get(b"sha256"))
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected:
-            raise A0Corrupt(f"stored A0 {identity} does not match its sha256 (expected {expected[:12]}…, "
-                            f"got {actual[:12]}…): delete {self._a0_key(identity)} and restart the workers")
+            raise refused.A0Corrupt(f"stored A0 {identity} does not match its sha256 (expected {expected[:12]}…, "
+                            f"got {actual[:12]}…): delete {self.keys.a0(identity)} and restart the workers")
         return data
 
 
 def _checked_idempotency_key(key: str) -> str:
     if not key or len(key) > MAX_IDEMPOTENCY_KEY_CHARS:
-        raise InvalidIdempotencyKey(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
+        raise refused.InvalidIdempotencyKey(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
     return key

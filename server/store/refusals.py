@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tmem.server.store.errors as refused
 from tmem.server.errors import (
     InvalidRequest,
     NotFound,
@@ -10,26 +11,19 @@ from tmem.server.errors import (
     UnprocessableContent,
     register_exception,
 )
-from tmem.server.store import (
-    A0Corrupt,
-    IdempotencyKeyReused,
-    InvalidIdempotencyKey,
-    QueueFull,
-    SessionFull,
-    SessionNotFound,
-)
 
 
 def register_store_errors() -> None:
     """Register every store refusal with server.errors (StoreUnavailable is mapped by the app, with its metric)."""
-    register_exception(SessionNotFound, lambda e: NotFound(str(e), param="session_id", code="session_not_found"))
-    register_exception(SessionFull, lambda e: PayloadTooLarge(str(e), code="session_full"))
-    register_exception(QueueFull, lambda e: ServiceUnavailable(str(e), retry_after=5, code="update_queue_full"))
+    register_exception(refused.SessionNotFound,
+                       lambda e: NotFound(str(e), param="session_id", code="session_not_found"))
+    register_exception(refused.SessionFull, lambda e: PayloadTooLarge(str(e), code="session_full"))
+    register_exception(refused.QueueFull, lambda e: ServiceUnavailable(str(e), retry_after=5, code="update_queue_full"))
     register_exception(
-        IdempotencyKeyReused,
+        refused.IdempotencyKeyReused,
         lambda e: UnprocessableContent(str(e), param="Idempotency-Key", code="idempotency_key_reused"))
     register_exception(
-        InvalidIdempotencyKey,
+        refused.InvalidIdempotencyKey,
         lambda e: InvalidRequest(str(e), param="Idempotency-Key", code="invalid_idempotency_key"))
     # A broken shared A0 is an operator's fix (the message says which key), not the client's.
-    register_exception(A0Corrupt, lambda e: ServiceUnavailable(str(e), retry_after=30, code="a0_corrupt"))
+    register_exception(refused.A0Corrupt, lambda e: ServiceUnavailable(str(e), retry_after=30, code="a0_corrupt"))

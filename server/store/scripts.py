@@ -1,9 +1,9 @@
-"""Lua scripts of the Redis store: each one is a single atomic step of a session's life.
+"""Lua scripts of the Redis store: each one is a single atomic step of a session's life (or of a counter's).
 
 Every per-session script touches keys of ONE session, all sharing the session's hash tag, so a Redis
 Cluster runs it on one node. Two scripts also queue a job on the global stream (APPEND_TURNS and
 ENQUEUE_JOB): storing a turn and queuing its update is then one step that a Redis fault cannot split.
-That step needs the stream on the session's node, i.e. a single Redis (or one shard); see store.py.
+That step needs the stream on the session's node, i.e. a single Redis (or one shard); see sessions.py.
 Numbers arrive as strings in ARGV; Lua's `tonumber` reads them. A missing hash field reads as `false`
 in Lua, hence the `or '0'` defaults. A few keys (old checkpoints, evicted idempotency records) are
 derived from a declared key of the same session: same hash tag, same slot.
@@ -126,9 +126,10 @@ return {m[1] or '0', m[2] or '0', tostring(absorbed), tostring(total), m[4] or '
 
 # KEYS: meta, teach, ckpt:{version+1}, key-set, memories
 # ARGV: 1 expected version, 2 expected generation, 3 turns_total, 4 teach_count, 5 has checkpoint (0/1),
-#       6 checkpoint bytes, 7 sha256, 8 has summary (0/1), 9 summary, 10 job_id, 11 now, 12 channel,
-#       13 tenant, 14 sid, 15 max memories kept, 16 last-update report JSON, 17 expected incarnation,
-#       18 checkpoints kept, 19.. memory JSON objects
+#       6 checkpoint bytes, 7 sha256, 8 has summary (0/1), 9 summary, 10 job_id, 11 now,
+#       12 max memories kept, 13 last-update report JSON, 14 expected incarnation, 15 checkpoints kept,
+#       16.. memory JSON objects
+# The checkpoint hash's fields (data, sha256, created_at) are the ones StoredCheckpoint reads.
 # Returns {-1} when the session is gone (or was deleted and recreated since the snapshot: another
 # incarnation), {0, version} on a stale snapshot, {1, version, bumped} on success.
 COMMIT_UPDATE = """
@@ -136,7 +137,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
 local m = redis.call('HMGET', KEYS[1], 'version', 'generation', 'absorbed_turns', 'incarnation')
 -- A session recreated under the same id starts again at version 0, generation 0: only its incarnation
 -- tells it from the deleted one, whose turns, summary and checkpoint must not land in it.
-if (m[4] or '') ~= ARGV[17] then return {-1} end
+if (m[4] or '') ~= ARGV[14] then return {-1} end
 local version = tonumber(m[1]) or 0
 -- The generation counts every commit, so two commits from one snapshot conflict even when neither
 -- carries a checkpoint (the second would otherwise trim teach pairs it never saw).
@@ -152,28 +153,27 @@ if ARGV[5] == '1' then
   -- Keep the newest N checkpoints: versions below are deleted oldest-last, stopping at the first gap
   -- (everything older went in earlier commits), so a lowered N also catches up.
   local base = string.sub(KEYS[3], 1, #KEYS[3] - #tostring(version))
-  local old = version - tonumber(ARGV[18])
+  local old = version - tonumber(ARGV[15])
   while old >= 1 and redis.call('DEL', base .. old) == 1 do
     redis.call('SREM', KEYS[4], base .. old)
     old = old - 1
   end
 end
 -- The memories this update learned from, stamped with the version they went into (bounded list).
-for i = 19, #ARGV do
+for i = 16, #ARGV do
   local memory = cjson.decode(ARGV[i])
   memory['version'] = version
   redis.call('RPUSH', KEYS[5], cjson.encode(memory))
 end
-if #ARGV >= 19 then redis.call('LTRIM', KEYS[5], -tonumber(ARGV[15]), -1) end
+if #ARGV >= 16 then redis.call('LTRIM', KEYS[5], -tonumber(ARGV[12]), -1) end
 local absorbed = math.max(tonumber(m[3]) or 0, tonumber(ARGV[3]))
 local teach_count = tonumber(ARGV[4])
 if teach_count > 0 then redis.call('LTRIM', KEYS[2], teach_count, -1) end
 if ARGV[8] == '1' then redis.call('HSET', KEYS[1], 'summary', ARGV[9]) end
 redis.call('HSET', KEYS[1], 'absorbed_turns', absorbed, 'last_job', ARGV[10], 'updated_at', ARGV[11],
-           'last_update', ARGV[16])
+           'last_update', ARGV[13])
 redis.call('HINCRBY', KEYS[1], 'generation', 1)
 redis.call('HDEL', KEYS[1], 'last_error')
-redis.call('PUBLISH', ARGV[12], cjson.encode({tenant = ARGV[13], sid = ARGV[14], version = version}))
 return {1, version, bumped}
 """
 
@@ -206,4 +206,30 @@ if used > tonumber(ARGV[1]) then
   return 0
 end
 return 1
+"""
+
+# Rate-limit windows: one round trip each, so a connection lost half-way never leaves a counter without
+# its expiry (which would lock its API key out for good).
+# KEYS: counter   ARGV: keep_s   Returns the count including this request.
+COUNT_REQUEST = """
+local n = redis.call('INCR', KEYS[1])
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return n
+"""
+
+# KEYS: counter   ARGV: tokens wanted, limit, keep_s   Returns 1 and counts them when they fit, else 0.
+RESERVE_TOKENS = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local want, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+if used + want > limit then return 0 end
+redis.call('INCRBY', KEYS[1], want)
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+return 1
+"""
+
+# KEYS: counter   ARGV: delta. The difference goes to the window it was reserved in; a window already
+# expired is not charged again.
+SETTLE_TOKENS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('INCRBY', KEYS[1], ARGV[1]) end
+return 0
 """
