@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tmem.adapters.supervision import ContextPair, render_chat_ids
+from tmem.adapters.supervision import ContextPair, padding_id, render_chat_ids
 
 ANCHOR_PROMPTS: tuple[str, ...] = (
     "What is the capital of Italy?",
@@ -51,7 +51,7 @@ def base_answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tok
         with torch.no_grad():
             out = model.generate(ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
                                  max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                                 pad_token_id=padding_id(tokenizer))
         new = out[0, ids.shape[1]:]
         answer = tokenizer.decode(new, skip_special_tokens=True).strip()
         if int(new[-1]) != tokenizer.eos_token_id:

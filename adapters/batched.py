@@ -38,9 +38,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tmem.adapters.fast_weights import FastWeightModel, SessionB
-from tmem.adapters.prefix import DecoderStack, PrefixCache, pad_states
-from tmem.adapters.supervision import IGNORE_INDEX, Example, Supervision, encode_pairs
-from tmem.adapters.trainer import Schedule, TrainerConfig, UpdateResult, _make_optimizer, epoch_schedule, reached_target
+from tmem.adapters.prefix import DecoderStack, PrefixCache
+from tmem.adapters.supervision import IGNORE_INDEX, Example, Supervision, collate, encode_pairs, padding_id, right_pad
+from tmem.adapters.trainer import (
+    NO_TRAINABLE_PAIRS,
+    NonFiniteUpdate,
+    Schedule,
+    TrainerConfig,
+    UpdateResult,
+    check_loss,
+    epoch_schedule,
+    guarded_step,
+    make_optimizer,
+    reached_target,
+    trainable_b,
+)
 from torch import Tensor
 
 DEFAULT_MAX_GROUP_SIZE = 16
@@ -102,8 +114,7 @@ class BatchedTrainer:
         self.prefix_cache = PrefixCache(prefix_cache_bytes)  # 0: nothing kept between updates
         # Block at which per-step work starts: the first adapted one, or 0 to recompute everything.
         self.start = self.stack.first_adapted if reuse_prefix else 0
-        pad = tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
+        self.pad_id = padding_id(tokenizer)
         # A0 in the model's dtype, once: shared by every session and every row.
         self._a0 = {t.name: fast_model.a0[t.name].to(fast_model.device, fast_model.dtype)
                     for t in fast_model.targets}
@@ -143,9 +154,7 @@ class BatchedTrainer:
             step += 1
         for s in live:
             if s.alive:
-                s.result.b = {n: p.detach().to("cpu", torch.float32).clone() for n, p in s.params.items()}
-                s.result.applied = True
-                s.result.seconds = time.perf_counter() - s.started
+                s.result.apply(s.params, s.started)
         return [s.result for s in sessions]
 
     def _size_threads(self) -> None:
@@ -163,16 +172,13 @@ class BatchedTrainer:
         examples = encode_pairs(self.tokenizer, pairs, cfg.max_seq_len, cfg.system_prompt)
         if examples:  # anchors steady an update, at most one per example: they never make one or drown it
             examples += encode_pairs(self.tokenizer, self.anchors[:min(cfg.anchors, len(examples))], cfg.max_seq_len)
-        result = UpdateResult(b=b, applied=False, examples=len(examples),
-                              answer_tokens=sum(ex.answer_tokens for ex in examples))
-        session = _Session(result=result, examples=examples, started=started)
+        session = _Session(result=UpdateResult.before(b, examples), examples=examples, started=started)
         if not examples:
-            session.reject("no trainable pairs (empty, or every prompt longer than max_seq_len)")
+            session.reject(NO_TRAINABLE_PAIRS)
             return session
         # Same order of names as OnlineTrainer: the optimizer and grad clipping see the same list.
-        session.params = {n: t.detach().to(self.fast.device, torch.float32).clone().requires_grad_(True)
-                          for n, t in b.items()}
-        session.optimizer = _make_optimizer(cfg, list(session.params.values()))
+        session.params = trainable_b(b, self.fast.device)
+        session.optimizer = make_optimizer(cfg, list(session.params.values()))
         session.schedule = epoch_schedule(examples, cfg)
         return session
 
@@ -196,11 +202,12 @@ class BatchedTrainer:
         losses = self._session_losses([s.params for s in active], rows)
         kept: list[int] = []
         for k, s in enumerate(active):
-            epoch, n = s.schedule[step][0], s.result.steps + 1
-            if bool(torch.isfinite(losses[k].detach())):
-                kept.append(k)
+            try:
+                check_loss(losses[k], s.result.steps + 1, s.schedule[step][0])
+            except NonFiniteUpdate as exc:
+                s.reject(str(exc))
             else:
-                s.reject(f"loss is {losses[k].item()} at step {n} (epoch {epoch + 1})")
+                kept.append(k)
         if not kept:
             return
         # Only finite losses enter the sum: a rejected session contributes no gradient to anyone.
@@ -211,18 +218,12 @@ class BatchedTrainer:
     def _step_session(self, s: _Session, loss: float, cfg: TrainerConfig) -> None:
         """The per-session half of a step, with OnlineTrainer's checks and messages."""
         n = s.result.steps + 1
-        for name, p in s.params.items():
-            if p.grad is None or not bool(torch.isfinite(p.grad).all()):
-                s.reject(f"gradient of {name} is not finite at step {n}")
-                return
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(list(s.params.values()), cfg.max_grad_norm)
         assert s.optimizer is not None
-        s.optimizer.step()
-        for name, p in s.params.items():
-            if not bool(torch.isfinite(p.detach()).all()):
-                s.reject(f"B of {name} became non-finite after step {n}")
-                return
+        try:
+            guarded_step(s.params, s.optimizer, cfg, n)
+        except NonFiniteUpdate as exc:
+            s.reject(str(exc))
+            return
         s.result.losses.append(loss)
         s.result.steps = n
 
@@ -232,8 +233,9 @@ class BatchedTrainer:
         flat = [row for session_rows in rows for row in session_rows]
         row_session = torch.tensor([k for k, session_rows in enumerate(rows) for _ in session_rows],
                                    device=self.fast.device)
-        hidden = pad_states([state for state, _ in flat])
-        mask, labels = _mask_and_labels([ex for _, ex in flat], hidden.shape[1])
+        # Right-padded like `collate`: each state is as long as its example's ids, pad rows are zeros.
+        hidden = right_pad([state for state, _ in flat], 0.0)
+        _, mask, labels = collate([ex for _, ex in flat], self.pad_id)
         stacks = {t.name: torch.stack([p[t.name] for p in params]).to(self.fast.dtype) for t in self.fast.targets}
         with self.fast.using(None), self._per_row_b(stacks, row_session):
             top = self.stack.top(hidden, mask, self.start)
@@ -274,16 +276,6 @@ def _row_delta_hook(a0: Tensor, stack: Tensor, row_session: Tensor) -> Any:
         return output + torch.bmm(z, per_row.transpose(1, 2))
 
     return hook
-
-
-def _mask_and_labels(examples: Sequence[Example], width: int) -> tuple[Tensor, Tensor]:
-    """Right-padded (attention_mask, labels) for rows padded to `width`."""
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for row, ex in enumerate(examples):
-        mask[row, :len(ex.input_ids)] = 1
-        labels[row, :len(ex.labels)] = torch.tensor(ex.labels)
-    return mask, labels
 
 
 def update_many(fast: FastWeightModel, tokenizer: Any, items: Sequence[UpdateItem],

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from tmem.adapters.fast_weights import FastWeightModel
-from tmem.adapters.supervision import Example
+from tmem.adapters.supervision import Example, collate
 from tmem.adapters.targets import decoder_layers
 from torch import Tensor
 
@@ -117,7 +117,7 @@ class DecoderStack:
         with self.fast.using(None):  # no block below first_adapted has a target, but be explicit
             for start in range(0, len(by_length), chunk_rows):
                 rows = by_length[start:start + chunk_rows]
-                ids, mask = _pad_ids([examples[i].input_ids for i in rows], pad_id)
+                ids, mask, _ = collate([examples[i] for i in rows], pad_id)
                 hidden = self.embed(ids)
                 if stop > 0:
                     hidden = self.run_layers(hidden, self.inputs_for(hidden, mask), 0, stop)
@@ -168,28 +168,6 @@ class PrefixCache:
         while self.bytes > self.max_bytes:
             _, dropped = self._states.popitem(last=False)
             self.bytes -= dropped.numel() * dropped.element_size()
-
-
-def pad_states(states: Sequence[Tensor]) -> Tensor:
-    """Right-pad (length, hidden) states into one (rows, width, hidden) batch; pad rows are zeros.
-
-    The pad values never reach a real token (causal mask + right padding) and no loss is taken there.
-    """
-    width = max(s.shape[0] for s in states)
-    out = states[0].new_zeros((len(states), width, states[0].shape[1]))
-    for row, state in enumerate(states):
-        out[row, :state.shape[0]] = state
-    return out
-
-
-def _pad_ids(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, tokens in enumerate(rows):
-        ids[row, :len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
-        mask[row, :len(tokens)] = 1
-    return ids, mask
 
 
 def _layer_types(config: Any, n_layers: int) -> list[str]:

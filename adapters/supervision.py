@@ -13,15 +13,17 @@ through it too, so training and serving can never disagree on a template detail.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 IGNORE_INDEX = -100
 Message = dict[str, str]
+T = TypeVar("T")
 
 
 class Pair(Protocol):
@@ -66,24 +68,30 @@ class Example:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-_SYSTEM_ROLE: dict[str, bool] = {}  # chat template text → renders a system role
+_BY_TEMPLATE: dict[tuple[str, str], Any] = {}  # (what, chat template text) → what the template does
+
+
+def _per_template(tokenizer: Any, what: str, probe: Callable[[Any], T]) -> T:
+    """`probe(tokenizer)`, worked out once per chat template: the answer depends on the template's text alone."""
+    key = (what, str(getattr(tokenizer, "chat_template", None)))
+    if key not in _BY_TEMPLATE:
+        _BY_TEMPLATE[key] = probe(tokenizer)
+    return cast(T, _BY_TEMPLATE[key])
 
 
 def supports_system_role(tokenizer: Any) -> bool:
     """True when the chat template renders a system message (some, e.g. Gemma's, refuse or drop it)."""
-    template = str(getattr(tokenizer, "chat_template", None))
-    if template not in _SYSTEM_ROLE:
-        probe = "tmem-system-probe-7f3a"
-        try:
-            text = tokenizer.apply_chat_template(
-                [{"role": "system", "content": probe}, {"role": "user", "content": "hi"}], tokenize=False)
-            _SYSTEM_ROLE[template] = probe in str(text)
-        except Exception:  # a template that raises on a system role (jinja's TemplateError and kin)
-            _SYSTEM_ROLE[template] = False
-    return _SYSTEM_ROLE[template]
+    return _per_template(tokenizer, "system role", _probe_system_role)
 
 
-_DEFAULT_SYSTEM: dict[str, str | None] = {}  # chat template text → its own default system text
+def _probe_system_role(tokenizer: Any) -> bool:
+    probe = "tmem-system-probe-7f3a"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": probe}, {"role": "user", "content": "hi"}], tokenize=False)
+    except Exception:  # a template that raises on a system role (jinja's TemplateError and kin)
+        return False
+    return probe in str(text)
 
 
 def template_default_system(tokenizer: Any) -> str | None:
@@ -92,10 +100,8 @@ def template_default_system(tokenizer: Any) -> str | None:
     Found by rendering one user message with and without a probe system message: where the template
     puts the probe, it otherwise puts its default.
     """
-    template = str(getattr(tokenizer, "chat_template", None))
-    if template not in _DEFAULT_SYSTEM:
-        _DEFAULT_SYSTEM[template] = _probe_default_system(tokenizer) if supports_system_role(tokenizer) else None
-    return _DEFAULT_SYSTEM[template]
+    return _per_template(tokenizer, "default system",
+                         lambda t: _probe_default_system(t) if supports_system_role(t) else None)
 
 
 def _probe_default_system(tokenizer: Any) -> str | None:
@@ -196,15 +202,20 @@ def encode_pairs(tokenizer: Any, items: Sequence[Supervision], max_seq_len: int,
     return examples
 
 
+def padding_id(tokenizer: Any) -> int:
+    """The id batches are right-padded with: the tokenizer's pad token, else its EOS (pads are masked anyway)."""
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else tokenizer.eos_token_id)
+
+
+def right_pad(rows: Sequence[Tensor], fill: float) -> Tensor:
+    """Stack (length, ...) rows into one (rows, width, ...) batch, each right-padded with `fill` to the longest."""
+    return pad_sequence(list(rows), batch_first=True, padding_value=fill)
+
+
 def collate(examples: Sequence[Example], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """Right-pad a batch: (input_ids, attention_mask, labels), pads masked and ignored."""
-    width = max(len(ex.input_ids) for ex in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for row, ex in enumerate(examples):
-        n = len(ex.input_ids)
-        ids[row, :n] = torch.tensor(ex.input_ids)
-        mask[row, :n] = 1
-        labels[row, :n] = torch.tensor(ex.labels)
+    ids = right_pad([torch.tensor(ex.input_ids, dtype=torch.long) for ex in examples], pad_id)
+    mask = right_pad([torch.ones(len(ex.input_ids), dtype=torch.long) for ex in examples], 0)
+    labels = right_pad([torch.tensor(ex.labels, dtype=torch.long) for ex in examples], IGNORE_INDEX)
     return ids, mask, labels

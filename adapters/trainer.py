@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tmem.adapters.fast_weights import FastWeightModel, SessionB
 from tmem.adapters.spec import TrainerConfig
-from tmem.adapters.supervision import IGNORE_INDEX, Example, Supervision, collate, encode_pairs
+from tmem.adapters.supervision import IGNORE_INDEX, Example, Supervision, collate, encode_pairs, padding_id
 from torch import Tensor
 
 
@@ -37,9 +37,23 @@ class UpdateResult:
     def final_loss(self) -> float | None:
         return self.losses[-1] if self.losses else None
 
+    @classmethod
+    def before(cls, b: SessionB, examples: Sequence[Example]) -> UpdateResult:
+        """The result of an update of `b` on `examples` before it has applied anything."""
+        return cls(b=b, applied=False, examples=len(examples), answer_tokens=sum(ex.answer_tokens for ex in examples))
 
-class _Rejected(Exception):
-    """Internal: an update step produced a non-finite value."""
+    def apply(self, params: Mapping[str, Tensor], started: float) -> None:
+        """Take the trained `params` as the new B (float32, on the CPU); `started` is when the update began."""
+        self.b = {n: p.detach().to("cpu", torch.float32).clone() for n, p in params.items()}
+        self.applied = True
+        self.seconds = time.perf_counter() - started
+
+
+NO_TRAINABLE_PAIRS = "no trainable pairs (empty, or every prompt longer than max_seq_len)"
+
+
+class NonFiniteUpdate(Exception):
+    """A step produced a NaN/inf loss, gradient or B; the message says which and at what step."""
 
 
 class OnlineTrainer:
@@ -49,8 +63,7 @@ class OnlineTrainer:
         self.fast = fast_model
         self.tokenizer = tokenizer
         self.config = config or TrainerConfig()
-        pad = tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else tokenizer.eos_token_id)
+        self.pad_id = padding_id(tokenizer)
 
     def encode(self, pairs: Sequence[Supervision]) -> list[Example]:
         return encode_pairs(self.tokenizer, pairs, self.config.max_seq_len, self.config.system_prompt)
@@ -61,26 +74,23 @@ class OnlineTrainer:
         self.fast.check_b(b)
         started = time.perf_counter()
         examples = encode_pairs(self.tokenizer, pairs, cfg.max_seq_len, cfg.system_prompt)
-        result = UpdateResult(b=b, applied=False, examples=len(examples),
-                              answer_tokens=sum(ex.answer_tokens for ex in examples))
+        result = UpdateResult.before(b, examples)
         if not examples:
-            result.reason = "no trainable pairs (empty, or every prompt longer than max_seq_len)"
+            result.reason = NO_TRAINABLE_PAIRS
             return result
-        params = {n: t.detach().to(self.fast.device, torch.float32).clone().requires_grad_(True) for n, t in b.items()}
+        params = trainable_b(b, self.fast.device)
         try:
             self._run(params, examples, cfg, result)
-        except _Rejected as exc:
+        except NonFiniteUpdate as exc:
             result.reason = str(exc)
             result.seconds = time.perf_counter() - started
             return result
-        result.b = {n: p.detach().to("cpu", torch.float32).clone() for n, p in params.items()}
-        result.applied = True
-        result.seconds = time.perf_counter() - started
+        result.apply(params, started)
         return result
 
     def _run(self, params: dict[str, Tensor], examples: list[Example], cfg: TrainerConfig,
              result: UpdateResult) -> None:
-        optimizer = _make_optimizer(cfg, list(params.values()))
+        optimizer = make_optimizer(cfg, list(params.values()))
         schedule = epoch_schedule(examples, cfg)
         for index, (epoch, rows) in enumerate(schedule):
             if reached_target(result.losses, schedule, index, cfg):
@@ -89,15 +99,9 @@ class OnlineTrainer:
             optimizer.zero_grad(set_to_none=True)
             loss = self.batch_loss(params, batch)
             step = result.steps + 1
-            _require_finite(loss.detach(), f"loss is {loss.item()} at step {step} (epoch {epoch + 1})")
+            check_loss(loss, step, epoch)
             loss.backward()
-            for name, p in params.items():
-                _require_finite(p.grad, f"gradient of {name} is not finite at step {step}")
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-            optimizer.step()
-            for name, p in params.items():
-                _require_finite(p.detach(), f"B of {name} became non-finite after step {step}")
+            guarded_step(params, optimizer, cfg, step)
             result.losses.append(float(loss.item()))
             result.steps = step
 
@@ -142,15 +146,45 @@ def reached_target(losses: Sequence[float], schedule: Schedule, step: int, cfg: 
     return bool(last) and sum(last) / len(last) <= cfg.target_loss
 
 
-def _make_optimizer(cfg: TrainerConfig, params: list[Tensor]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainerConfig, params: list[Tensor]) -> torch.optim.Optimizer:
+    """The optimizer `cfg` names, over one session's B."""
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr)
     return torch.optim.SGD(params, lr=cfg.lr)
 
 
-def _require_finite(t: Tensor | None, message: str) -> None:
-    if t is None or not bool(torch.isfinite(t).all()):
-        raise _Rejected(message)
+def trainable_b(b: SessionB, device: torch.device | str) -> dict[str, Tensor]:
+    """A float32 copy of `b` on `device` that takes gradients, in `b`'s order of names; `b` is never modified."""
+    return {n: t.detach().to(device, torch.float32).clone().requires_grad_(True) for n, t in b.items()}
+
+
+# The NaN guard, in the two places a step can go wrong: the loss before backward, and the rest of the step.
+
+def check_loss(loss: Tensor, step: int, epoch: int) -> None:
+    """Raise NonFiniteUpdate when step `step`'s loss (in 0-based `epoch`) is NaN or infinite."""
+    if not _finite(loss.detach()):
+        raise NonFiniteUpdate(f"loss is {loss.item()} at step {step} (epoch {epoch + 1})")
+
+
+def guarded_step(params: Mapping[str, Tensor], optimizer: torch.optim.Optimizer, cfg: TrainerConfig,
+                 step: int) -> None:
+    """After backward: refuse a non-finite gradient, clip (`cfg.max_grad_norm`), step, refuse a non-finite B.
+
+    Raises NonFiniteUpdate; the caller then discards `params` and keeps the B it started from.
+    """
+    for name, p in params.items():
+        if not _finite(p.grad):
+            raise NonFiniteUpdate(f"gradient of {name} is not finite at step {step}")
+    if cfg.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+    optimizer.step()
+    for name, p in params.items():
+        if not _finite(p.detach()):
+            raise NonFiniteUpdate(f"B of {name} became non-finite after step {step}")
+
+
+def _finite(t: Tensor | None) -> bool:
+    return t is not None and bool(torch.isfinite(t).all())
 
 
 def answer_loss(fast: FastWeightModel, b: SessionB | None, examples: Sequence[Example], pad_id: int) -> float:
