@@ -28,7 +28,7 @@ from tmem.server.store import (
     UpdateSnapshot,
     request_fingerprint,
 )
-from tmem.server.store_errors import register_store_errors
+from tmem.server.store.refusals import register_store_errors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from redis_fixture import RedisServer
@@ -107,7 +107,7 @@ async def test_session_message_and_byte_caps_refuse_and_write_nothing(make_store
     assert full.value.limit == "turns" and "at most 4 messages" in str(full.value)
     state = await store.get_session(T, "s")
     assert state is not None and state.turns == 4 and not state.job_pending
-    assert await store.client.xlen(store.jobs_stream) == 0
+    assert await store.client.xlen(store.jobs.stream) == 0
 
     await store.ensure_session(T, "big")
     with pytest.raises(SessionFull) as too_big:
@@ -170,7 +170,7 @@ async def test_writes_after_a_delete_do_not_resurrect_the_session(store: RedisSt
     assert await store.enqueue_update(T, "s", reason="flush", force=True) is False
     await store.set_last_error(T, "s", "boom")
     assert await session_keys(store, "s") == []
-    assert await store.client.xlen(store.jobs_stream) == 0
+    assert await store.client.xlen(store.jobs.stream) == 0
     assert await store.count_sessions(T) == 0
 
 
@@ -198,7 +198,7 @@ async def test_storing_a_turn_queues_its_job_in_the_same_step(store: RedisStore)
     assert (coalesced.turns_total, coalesced.queued) == (4, False)
     retry = await store.append_turns(T, "s", HELLO, idempotency_key="k1", request_sha256="aa", enqueue="turn")
     assert retry == AppendResult(2, 2, duplicate=True, queued=False)  # stored and queued once
-    assert await store.client.xlen(store.jobs_stream) == 1
+    assert await store.client.xlen(store.jobs.stream) == 1
     no_job = await store.append_turns(T, "s", HELLO)  # context-budget: the caller decides when to queue
     assert no_job.queued is False
 
