@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from functools import partial
@@ -33,7 +31,17 @@ from tmem.adapters.fast_weights import FastWeightModel
 from tmem.adapters.supervision import Example, encode_pairs
 from tmem.adapters.tiny_model import build_tiny_model
 from tmem.adapters.trainer import OnlineTrainer, TrainerConfig, UpdateResult
-from tmem.bench.update_bench import PAIRS, ModelSize, load_base, load_tokenizer, peft_route, spec_for
+from tmem.bench.harness import bench_parser, pyplot, save_figure
+from tmem.bench.update_bench import (
+    PAIRS,
+    ModelSize,
+    UpdateFn,
+    load_base,
+    load_tokenizer,
+    peft_route,
+    spec_for,
+    time_routes,
+)
 from tqdm import tqdm
 
 SESSIONS, PAIRS_PER_SESSION, GROUP_SIZES = 16, 8, (1, 4, 16)
@@ -41,33 +49,6 @@ FULL_SESSION_MODELS = (ModelSize("tiny", 4, 256), ModelSize("deep", 16, 256))
 QUICK_SESSION_MODELS = (ModelSize("tiny", 2, 128), ModelSize("deep", 6, 128))
 FULL_PEFT_MODEL, QUICK_PEFT_MODEL = ModelSize("large", 16, 512), ModelSize("large", 6, 128)
 PLOT_FILE = "batched_bench.png"
-RouteFn = Callable[[], tuple[float, float]]
-
-
-def time_routes(label: str, routes: dict[str, RouteFn], repeats: int, clock: str) -> dict[str, dict[str, Any]]:
-    """One untimed warm-up per route, then `repeats` rounds, alternating the order every round.
-
-    Both clocks are kept; `clock` picks the one reported. With one torch thread the process CPU time is
-    the time the work itself took, which stays meaningful on a machine shared with other jobs (wall
-    time there mostly measures the neighbours).
-    """
-    for route in routes.values():
-        route()
-    wall: dict[str, list[float]] = {name: [] for name in routes}
-    cpu: dict[str, list[float]] = {name: [] for name in routes}
-    losses: dict[str, tuple[float, float]] = {}
-    names = list(routes)
-    with tqdm(total=repeats * len(names), desc=f"{label:<8}", unit="run") as bar:
-        for round_ in range(repeats):
-            for name in names if round_ % 2 == 0 else reversed(names):
-                wall_0, cpu_0 = time.perf_counter(), time.process_time()
-                losses[name] = routes[name]()
-                cpu[name].append(time.process_time() - cpu_0)
-                wall[name].append(time.perf_counter() - wall_0)
-                bar.update(1)
-    chosen = cpu if clock == "cpu" else wall
-    return {name: {"wall_s": wall[name], "cpu_s": cpu[name], "s_per_update": statistics.median(chosen[name]),
-                   "first_loss": losses[name][0], "final_loss": losses[name][1]} for name in names}
 
 
 def session_items(fast: FastWeightModel) -> list[UpdateItem]:
@@ -138,7 +119,7 @@ def bench_sessions(size: ModelSize, model_dir: Path, config: TrainerConfig, repe
     items = session_items(fast)
     last: dict[str, list[UpdateResult]] = {}
 
-    def route(name: str, run: Callable[[], list[UpdateResult]]) -> RouteFn:
+    def route(name: str, run: Callable[[], list[UpdateResult]]) -> UpdateFn:
         def timed() -> tuple[float, float]:
             last[name] = run()
             return last[name][0].losses[0], last[name][0].losses[-1]
@@ -183,7 +164,7 @@ def bench_vs_peft(size: ModelSize, model_dir: Path, config: TrainerConfig, repea
             raise RuntimeError(f"update rejected: {result.reason}")
         return result.losses[0], result.losses[-1]
 
-    routes: dict[str, RouteFn] = {
+    routes: dict[str, UpdateFn] = {
         "peft": peft_route(model_dir, tokenizer, spec, fast.layers, fast.a0, config),
         "online": lambda: losses_of(online.update(fast.zero_b(), PAIRS)),
         "optimized": lambda: losses_of(optimized.update(fast.zero_b(), PAIRS)),
@@ -225,10 +206,7 @@ def format_tables(sessions: list[dict[str, Any]], peft: dict[str, Any], config: 
 
 def plot(sessions: list[dict[str, Any]], peft: dict[str, Any], path: Path) -> Path:
     """Left: sessions per second per route and model. Right: (b) seconds per update and the FLOP ideal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     names = list(dict.fromkeys(n for m in sessions for n in m["routes"]))
@@ -248,10 +226,7 @@ def plot(sessions: list[dict[str, Any]], peft: dict[str, Any], path: Path) -> Pa
     right.set_ylabel("seconds per update")
     right.set_title(f"(b) one update, {peft['layers']}x{peft['hidden']} model")
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def headline(sessions: list[dict[str, Any]], peft: dict[str, Any]) -> dict[str, Any]:
@@ -266,8 +241,7 @@ def headline(sessions: list[dict[str, Any]], peft: dict[str, Any]) -> dict[str, 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m tmem.bench.batched_bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory for results.json and the plot")
+    parser = bench_parser("batched_bench", __doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small models for a smoke run")
     # One thread by default: on a shared 2-core machine a second spinning thread made runs 10x noisier.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")

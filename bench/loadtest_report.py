@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tmem.bench.harness import pyplot, save_figure
 
 REPORT_FILE = "report.json"
 DEFAULT_PROMPTS = Path(__file__).with_name("prompts.json")
@@ -284,10 +285,7 @@ def format_report(doc: dict[str, Any]) -> str:
 
 def write_plots(out: Path, runs: Sequence[dict[str, Any]]) -> list[Path]:
     """Latency CDFs (TTFT, E2E), output tokens/s over time, and the update-lag histogram."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never a display
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     paths = [out / PLOT_FILES[name] for name in ("latency", "throughput", "lag")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -298,7 +296,7 @@ def write_plots(out: Path, runs: Sequence[dict[str, Any]]) -> list[Path]:
                 ax.step(values * 1000, np.arange(1, values.size + 1) / values.size, where="post", label=run["label"])
         ax.set(title=f"{title} CDF", xlabel="ms", ylabel="fraction of requests")
         _finish(ax)
-    _save(fig, paths[0])
+    save_figure(fig, paths[0])
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for run in runs:
@@ -308,7 +306,7 @@ def write_plots(out: Path, runs: Sequence[dict[str, Any]]) -> list[Path]:
             ax.stairs(timeline[:, 1], edges, label=run["label"])
     ax.set(title="output throughput", xlabel="seconds since start", ylabel="tokens/s")
     _finish(ax)
-    _save(fig, paths[1])
+    save_figure(fig, paths[1])
 
     fig, ax = plt.subplots(figsize=(6, 4))
     lags = [row["update_lag"] for row in runs[0]["rows"] if row["update_lag"] is not None]
@@ -318,7 +316,7 @@ def write_plots(out: Path, runs: Sequence[dict[str, Any]]) -> list[Path]:
         ax.text(0.5, 0.5, "no update lag measured", ha="center", va="center", transform=ax.transAxes)
     ax.set(title=f"update lag ({runs[0]['label']})", xlabel="seconds (turn end → new adapter live)",
            ylabel="turns")
-    _save(fig, paths[2])
+    save_figure(fig, paths[2])
     return paths
 
 
@@ -328,14 +326,6 @@ def _finish(ax: Any) -> None:
         ax.legend()
     else:  # every request failed: say so rather than leave an empty frame
         ax.text(0.5, 0.5, "no successful requests", ha="center", va="center", transform=ax.transAxes)
-
-
-def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # --- Prometheus histograms -------------------------------------------------------------------

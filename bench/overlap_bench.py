@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tmem.bench.harness import bench_parser, pyplot, save_figure
 from tmem.bench.loadtest import send_turn
 from tmem.bench.loadtest_report import RequestRecord, quantiles
-from tmem.bench.serving_bench import ManagedServer, ensure_model, ours_command
+from tmem.bench.processes import HttpServer
+from tmem.bench.serving_bench import ensure_model, ours_command
 from tmem.server.redis_proc import free_port
 
 N_VALUES = (0, 4, 16)
@@ -173,7 +175,7 @@ def run_all(args: argparse.Namespace) -> list[Row]:
         out.mkdir(parents=True, exist_ok=True)
         port = free_port()
         cmd = server_command(model, port, out, threads, args.epochs)
-        with ManagedServer(f"tmem (worker threads {threads})", cmd, port, out / "tmem.log") as server:
+        with HttpServer(f"tmem (worker threads {threads})", cmd, port, out / "tmem.log") as server:
             runs.append({"worker_threads": threads, **asyncio.run(run_server_phases(server.url, args))})
     return runs
 
@@ -232,10 +234,7 @@ def format_table(runs: list[Row]) -> str:
 
 def write_plot(out: Path, runs: list[Row]) -> Path:
     """TTFT p50 and p95 against N, one pair of lines per worker-threads value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, run in enumerate(runs):
@@ -247,11 +246,7 @@ def write_plot(out: Path, runs: list[Row]) -> Path:
            xticks=list(N_VALUES))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = out / PLOT_FILE
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / PLOT_FILE)
 
 
 def report(out: Path, runs: list[Row], meta: Row) -> Row:
@@ -266,10 +261,7 @@ def report(out: Path, runs: list[Row], meta: Row) -> Row:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tmem.bench.overlap_bench", description=__doc__)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", type=Path, default=Path(".cache/tiny-model"), help="built here if missing")
+    parser = bench_parser("overlap_bench", __doc__, model=Path(".cache/tiny-model"))
     parser.add_argument("--requests", type=int, default=20, help="chat requests per N (fewer if updates end)")
     parser.add_argument("--worker-threads", type=int, nargs="+", default=[1], help="one server run per value")
     parser.add_argument("--pairs", type=int, default=16, help="pairs taught to each updating session")

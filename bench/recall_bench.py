@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tmem.bench.harness import bench_parser, pyplot, save_figure
+from tmem.bench.processes import HttpServer, tmem_command
 from tmem.bench.recall_data import FACTS, GENERAL_PROMPTS, HELD_OUT_TEXT, first_words, recalled
-from tmem.bench.serving_bench import ManagedServer
 from tmem.server.redis_proc import free_port
 
 PLOT_FILE = "recall_bench.png"
@@ -51,10 +52,10 @@ PHASES = ("teach", "teach10", "chat")
 
 
 def server_command(model: Path, port: int, out: Path, preset: str, label: str, extra: Sequence[str] = ()) -> list[str]:
-    return [sys.executable, "-m", "tmem.server.cli", "serve", "--model", str(model), "--port", str(port),
-            "--dtype", "float32", "--gpu-memory-utilization", "0.25", "--max-model-len", "2048",
-            "--context-tokens", "1536", "--trainer-preset", preset, "--redis-data-dir", str(out / f"redis-{label}"),
-            "--a0-cache-dir", str(out / "a0"), *extra]
+    return tmem_command("serve", "--model", str(model), "--port", str(port), "--dtype", "float32",
+                        "--gpu-memory-utilization", "0.25", "--max-model-len", "2048", "--context-tokens", "1536",
+                        "--trainer-preset", preset, "--redis-data-dir", str(out / f"redis-{label}"),
+                        "--a0-cache-dir", str(out / "a0"), *extra)
 
 
 class Api:
@@ -236,10 +237,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     phases = [phase for phase in PHASES if all(phase in r for r in results)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -257,16 +255,11 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path:
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=8)
     fig.suptitle("SmolLM2-135M-Instruct: what a session remembers, and what it keeps")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", type=Path, default=Path(".cache/demo-model"))
+    parser = bench_parser("recall_bench", __doc__, model=Path(".cache/demo-model"))
     parser.add_argument("--presets", default="paper,default")
     parser.add_argument("--phases", default=",".join(PHASES), help="which of teach,teach10,chat to run")
     parser.add_argument("--variant", action="append", default=[], metavar='LABEL="FLAGS"',
@@ -286,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for suffix, extra in variants:
             label = f"{preset}-{suffix}" if suffix else preset
             port = free_port()
-            with ManagedServer(f"tmem ({label})", server_command(args.model, port, args.out, preset, label, extra),
+            with HttpServer(f"tmem ({label})", server_command(args.model, port, args.out, preset, label, extra),
                                port, args.out / f"server-{label}.log") as server:
                 results.append(asyncio.run(bench_preset(server.url, label, args.model, args.out, phases)))
             (args.out / "results.json").write_text(json.dumps(results, indent=1))  # kept if a later run fails

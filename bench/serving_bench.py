@@ -26,8 +26,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -37,8 +35,10 @@ from typing import Any
 
 import httpx
 from tmem.bench import loadtest_report as report
+from tmem.bench.harness import bench_parser, pyplot, save_figure
 from tmem.bench.loadtest import run_target, send_turn
 from tmem.bench.loadtest_report import LoadConfig, RequestRecord, Target, build_plan, load_conversations, quantiles
+from tmem.bench.processes import HttpServer, tmem_command
 from tmem.server.redis_proc import free_port
 
 CONCURRENCIES = (1, 8)  # stateless runs, ours and vLLM
@@ -51,59 +51,10 @@ ENGINE_FLAGS = ["--dtype", "float32", "--gpu-memory-utilization", "0.08", "--max
 PLOT_FILE = "serving_bench.png"
 
 
-class ManagedServer:
-    """A server subprocess in its own process group, logging to a file, healthy before `__enter__` returns."""
-
-    def __init__(self, name: str, cmd: list[str], port: int, log_path: Path) -> None:
-        self.name, self.cmd, self.log_path = name, cmd, log_path
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> ManagedServer:
-        print(f"starting {self.name}: {' '.join(self.cmd)}", file=sys.stderr)
-        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2, trust_env=False).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.__exit__()
-        raise RuntimeError(f"{self.name} was not healthy within 600 s; see {self.log_path}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is None:
-            return
-        # The whole group: vLLM's engine core and worker are children of the server.
-        _signal_group(self.proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=30)
-        # A vLLM worker can outlive the server it belongs to: ask what is left once more, then force it.
-        if _signal_group(self.proc.pid, signal.SIGTERM):
-            time.sleep(5)
-        _signal_group(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-
-def _signal_group(pgid: int, sig: int) -> bool:
-    """Signal the process group; False when it is already empty (also if it empties meanwhile)."""
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 def ours_command(model: Path, port: int, out: Path, extra: Sequence[str] = ()) -> list[str]:
-    return [sys.executable, "-m", "tmem.server.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-            "--port", str(port), *ENGINE_FLAGS, "--context-tokens", "1536", "--update-policy", "every-turn",
-            "--redis-data-dir", str(out / "redis"), "--a0-cache-dir", str(out / "a0"), *extra]
+    return tmem_command("serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port), *ENGINE_FLAGS,
+                        "--context-tokens", "1536", "--update-policy", "every-turn", "--redis-data-dir",
+                        str(out / "redis"), "--a0-cache-dir", str(out / "a0"), *extra)
 
 
 def vllm_command(model: Path, port: int) -> list[str]:
@@ -206,14 +157,14 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     runs: list[dict[str, Any]] = []
     port = free_port()
-    with ManagedServer("tmem", ours_command(model, port, out, args.server_flag), port, out / "tmem.log") as ours:
+    with HttpServer("tmem", ours_command(model, port, out, args.server_flag), port, out / "tmem.log") as ours:
         runs += [measure(ours.url, "ours", False, c, args) for c in CONCURRENCIES]
         idle = quantiles(asyncio.run(probe_ttfts(ours.url)))
         busiest = max(SESSION_CONCURRENCIES)
         runs += [measure(ours.url, "ours-sessions", True, c, args, probe=c == busiest) for c in SESSION_CONCURRENCIES]
     if not args.skip_vllm:
         port = free_port()
-        with ManagedServer("vllm", vllm_command(model, port), port, out / "vllm.log") as theirs:
+        with HttpServer("vllm", vllm_command(model, port), port, out / "vllm.log") as theirs:
             runs += [measure(theirs.url, "vllm", False, c, args) for c in CONCURRENCIES]
     return {"runs": runs, "probe_idle_ttft_s": idle}
 
@@ -310,10 +261,7 @@ def _num(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
 
 def write_plot(out: Path, results: dict[str, Any]) -> Path:
     """TTFT p50 and throughput per stateless run, lag p50/p95 per load, and the stages of an update."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     runs = results["runs"]
@@ -347,18 +295,11 @@ def write_plot(out: Path, results: dict[str, Any]) -> Path:
         bottom += values
     axes[3].set(title="update stages (p50)", xlabel="sessions chatting at once", ylabel="seconds")
     axes[3].legend()
-    fig.tight_layout()
-    path = out / PLOT_FILE
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / PLOT_FILE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tmem.bench.serving_bench", description=__doc__)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", type=Path, default=Path(".cache/demo-model"), help="built here if missing")
+    parser = bench_parser("serving_bench", __doc__, model=Path(".cache/demo-model"))
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--turns", type=int, default=3, help="user turns per stateless conversation")
     parser.add_argument("--session-turns", type=int, default=4, help="user turns per chatting session")

@@ -23,9 +23,7 @@ import contextlib
 import itertools
 import json
 import logging
-import os
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -37,13 +35,11 @@ from typing import Any
 import httpx
 from tmem.bench import loadtest
 from tmem.bench import loadtest_report as report
+from tmem.bench.harness import pyplot, save_figure
 from tmem.bench.loadtest_report import LoadConfig, RequestRecord, RunResult, Target
+from tmem.bench.processes import TINY_ENGINE_FLAGS, TINY_WORKER_FLAGS, HttpServer, TmemWorker, tmem_command
 from tmem.server.redis_proc import PrivateRedis, free_port
 
-ENGINE_FLAGS = ["--dtype", "float32", "--gpu-memory-utilization", "0.08", "--max-model-len", "2048",
-                "--context-tokens", "1536"]
-# The random tiny model never closes its JSON: cap what extraction and summaries generate.
-WORKER_FLAGS = ["--extraction-chunk-tokens", "384", "--extraction-max-tokens", "96", "--summary-max-tokens", "48"]
 # The soak checks that nothing is lost, not what is learned: a few epochs keep each update short even
 # though every turn now trains (extracted pairs, or its raw text when the random model extracts none).
 TRAINER_FLAGS = ["--optimizer", "adam", "--lr", "0.01", "--epochs", "3"]
@@ -56,73 +52,36 @@ AUDIT_KEYS = ("found", "lost", "duplicated", "unacked_stored", "reply_mismatches
               "meta_mismatches", "pending_after_flush", "versions_written", "version_not_latest", "checksum_failures")
 
 
-class Child:
-    """One `tmem` subprocess in its own process group, so a group kill also reaches vLLM's helpers."""
-
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str]) -> None:
-        self.cmd, self.log_path, self.env = [sys.executable, "-m", "tmem.server.cli", *args], log_path, env
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, ready: Callable[[], bool], timeout_s: float) -> None:
-        with open(self.log_path, "ab") as out:  # the child holds its own copy of the descriptor
-            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                         start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.cmd[3]} exited with {self.proc.returncode}; see {self.log_path}")
-            if ready():
-                return
-            time.sleep(0.25)
-        self.kill()
-        raise RuntimeError(f"{self.cmd[3]} not ready within {timeout_s}s; see {self.log_path}")
-
-    def kill(self, sig: signal.Signals = signal.SIGKILL, wait_s: float = 10) -> None:
-        """SIGKILL by default: a crash, with no chance to ack, release a lock or clean up."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout=wait_s)
-            except subprocess.TimeoutExpired:
-                self.kill()  # SIGTERM was not enough
-
-
 class Cluster:
     """redis-server, the API replica (`serve --worker off`) and the current `tmem worker`."""
 
     def __init__(self, out: Path, model: Path, timeout_s: float) -> None:
         (out / "logs").mkdir(parents=True, exist_ok=True)
         self.out, self.model, self.timeout_s = out, model, timeout_s
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMEM_A0_CACHE_DIR": str(out / "a0")}
+        self.env = {"TMEM_A0_CACHE_DIR": str(out / "a0")}
         self.redis = PrivateRedis(out / "redis")
         port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.server = Child(["serve", "--model", str(model), "--redis-url", self.redis.url, "--port", str(port),
-                             "--worker", "off", *ENGINE_FLAGS, *WORKER_FLAGS, *TRAINER_FLAGS],
-                            out / "logs" / "server.log", self.env)
-        self.workers: list[Child] = []
+        self.server = HttpServer("tmem serve", tmem_command(
+            "serve", "--model", str(model), "--redis-url", self.redis.url, "--port", str(port), "--worker", "off",
+            *TINY_ENGINE_FLAGS, *TINY_WORKER_FLAGS, *TRAINER_FLAGS), port, out / "logs" / "server.log", self.env)
+        self.url = self.server.url
+        self.workers: list[TmemWorker] = []
 
     def start(self) -> None:
         self.redis.start()
-        self.server.start(self._healthy, self.timeout_s)
+        self.server.start(self.timeout_s)
         self.start_worker()
-
-    def _healthy(self) -> bool:
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(f"{self.url}/health", timeout=2, trust_env=False).status_code == 200
-        return False
 
     def start_worker(self) -> None:
         path = self.out / "logs" / f"worker-{len(self.workers)}.log"
-        path.write_bytes(b"")
-        self.workers.append(Child(["worker", "--model", str(self.model), "--redis-url", self.redis.url, "--api-url",
-                                   self.url, "--dtype", "float32", *WORKER_FLAGS, *TRAINER_FLAGS, *LOCK_FLAGS],
-                                  path, self.env))
-        self.workers[-1].start(lambda: b" ready (api " in path.read_bytes(), self.timeout_s)
+        self.workers.append(TmemWorker(["--model", str(self.model), "--redis-url", self.redis.url, "--api-url",
+                                        self.url, *TINY_WORKER_FLAGS, *TRAINER_FLAGS,
+                                        *LOCK_FLAGS], path, self.env))
+        self.workers[-1].start(self.timeout_s)
 
     def close(self) -> None:
         for child in [*self.workers, self.server]:
-            child.kill(signal.SIGTERM, 30)
+            child.stop(30)
         self.redis.stop()
 
 
@@ -386,10 +345,7 @@ async def soak(cluster: Cluster, args: argparse.Namespace, out: Path) -> dict[st
 
 def plot(out: Path, doc: dict[str, Any]) -> Path:
     """Requests/s over time (acknowledged and failed, by end time) with the fault moments marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never a display
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     rows = np.array(doc["timeline"], dtype=float).reshape(-1, 2)
@@ -408,10 +364,7 @@ def plot(out: Path, doc: dict[str, Any]) -> Path:
     ax.set(title="soak: requests/s by completion time", xlabel="seconds since the load started", ylabel="requests/s")
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path := out / "soak.png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "soak.png")
 
 
 def format_table(doc: dict[str, Any]) -> str:

@@ -13,7 +13,6 @@ through the API. Output: a table, `trainer_sweep.png`, `results.json`, and one J
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from tmem.adapters.supervision import ContextPair, render_chat_ids
 from tmem.adapters.trainer import TrainerConfig
+from tmem.bench.harness import bench_parser, pyplot, save_figure
 from tmem.bench.recall_data import FACTS, GENERAL_PROMPTS, first_words, recalled
 
 ADAM = {"optimizer": "adam", "lr": 1e-3, "epochs": 12, "batch_size": 16, "max_grad_norm": 1.0, "target_loss": 0.2}
@@ -97,10 +97,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for r in rows:
@@ -111,16 +108,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("SmolLM2-135M-Instruct: trainer settings, recall vs retention", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", type=Path, default=Path(".cache/demo-model"))
+    parser = bench_parser("trainer_sweep", __doc__, model=Path(".cache/demo-model"))
     parser.add_argument("--configs", default=",".join(CONFIGS))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

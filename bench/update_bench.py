@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from tmem.adapters.fast_weights import FastWeightModel
 from tmem.adapters.spec import AInit, FastWeightSpec
-from tmem.adapters.supervision import Example, collate, encode_pairs
+from tmem.adapters.supervision import Example, collate, encode_pairs, padding_id
 from tmem.adapters.tiny_model import build_tiny_model
-from tmem.adapters.trainer import OnlineTrainer, TrainerConfig
+from tmem.adapters.trainer import OnlineTrainer, TrainerConfig, epoch_schedule, make_optimizer
+from tmem.bench.harness import bench_parser, pyplot, save_figure
 from tqdm import tqdm
 
 PAPER_LAST_LAYERS = 4
@@ -141,8 +142,7 @@ def peft_route(model_dir: Path, tokenizer: Any, spec: FastWeightSpec, layers: li
     model = get_peft_model(load_base(model_dir), lora)
     model.eval()  # no dropout anywhere; eval() only makes that explicit
     b_params = install_a0(model, a0)
-    pad = tokenizer.pad_token_id
-    pad_id = int(pad if pad is not None else tokenizer.eos_token_id)  # OnlineTrainer's padding rule
+    pad_id = padding_id(tokenizer)  # OnlineTrainer's padding
 
     def update() -> tuple[float, float]:
         with torch.no_grad():
@@ -156,46 +156,49 @@ def peft_route(model_dir: Path, tokenizer: Any, spec: FastWeightSpec, layers: li
 
 def peft_train(model: Any, b_params: list[torch.Tensor], examples: list[Example], cfg: TrainerConfig,
                pad_id: int) -> tuple[float, float]:
-    """SGD on lora_B with the trainer's batches and order (same seeded permutation per epoch).
+    """The trainer's optimizer on lora_B, with the trainer's batches in the trainer's order (`epoch_schedule`).
 
     Returns the loss of the first and of the last step.
     """
-    optimizer = torch.optim.SGD(b_params, lr=cfg.lr)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = make_optimizer(cfg, b_params)
     losses: list[float] = []
-    for _ in range(cfg.epochs):
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        for start in range(0, len(order), cfg.batch_size):
-            ids, mask, labels = collate([examples[i] for i in order[start:start + cfg.batch_size]], pad_id)
-            optimizer.zero_grad(set_to_none=True)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.item()))
+    for _, rows in epoch_schedule(examples, cfg):
+        ids, mask, labels = collate([examples[i] for i in rows], pad_id)
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.item()))
     return losses[0], losses[-1]
 
 
-def time_routes(label: str, routes: dict[str, UpdateFn], repeats: int) -> dict[str, dict[str, Any]]:
-    """One untimed warm-up update per route, then `repeats` timed rounds.
+def time_routes(label: str, routes: dict[str, UpdateFn], repeats: int, clock: str = "wall") -> dict[str, Any]:
+    """One untimed warm-up per route, then `repeats` timed rounds.
 
     The routes alternate within each round (and swap order every round) so that load from other
-    processes on a shared machine falls on both alike. Per route: seconds (all, median, min) and losses.
+    processes on a shared machine falls on all alike. Both clocks are kept (`wall_s`, `cpu_s`); `clock` picks
+    the one reported as `seconds`, its median and its least. With one torch thread the process CPU time is
+    the time the work itself took, which stays meaningful on a machine shared with other jobs (wall time
+    there mostly measures the neighbours).
     """
-    for update in routes.values():
-        update()
-    seconds: dict[str, list[float]] = {name: [] for name in routes}
+    for route in routes.values():
+        route()
+    wall: dict[str, list[float]] = {name: [] for name in routes}
+    cpu: dict[str, list[float]] = {name: [] for name in routes}
     losses: dict[str, tuple[float, float]] = {}
     names = list(routes)
-    with tqdm(total=repeats * len(names), desc=f"{label:<12}", unit="update") as bar:
+    with tqdm(total=repeats * len(names), desc=f"{label:<12}", unit="run") as bar:
         for round_ in range(repeats):
             for name in names if round_ % 2 == 0 else reversed(names):
-                started = time.perf_counter()
+                wall_0, cpu_0 = time.perf_counter(), time.process_time()
                 losses[name] = routes[name]()
-                seconds[name].append(time.perf_counter() - started)
+                cpu[name].append(time.process_time() - cpu_0)
+                wall[name].append(time.perf_counter() - wall_0)
                 bar.update(1)
-    return {name: {"seconds": seconds[name], "s_per_update": statistics.median(seconds[name]),
-                   "min_s": min(seconds[name]), "first_loss": losses[name][0], "final_loss": losses[name][1]}
-            for name in names}
+    chosen = cpu if clock == "cpu" else wall
+    return {name: {"seconds": chosen[name], "wall_s": wall[name], "cpu_s": cpu[name],
+                   "s_per_update": statistics.median(chosen[name]), "min_s": min(chosen[name]),
+                   "first_loss": losses[name][0], "final_loss": losses[name][1]} for name in names}
 
 
 def add_rates(route: dict[str, Any], answer_tokens: int, total_tokens: int, epochs: int) -> dict[str, Any]:
@@ -297,10 +300,7 @@ def format_tables(models: list[dict[str, Any]], curves: dict[str, Any], config: 
 
 def plot(models: list[dict[str, Any]], curves: dict[str, Any], path: Path) -> Path:
     """Left: seconds per update per model and route. Right: SVD vs random loss curves and the threshold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     x = range(len(models))
@@ -319,10 +319,7 @@ def plot(models: list[dict[str, Any]], curves: dict[str, Any], path: Path) -> Pa
     right.set_ylabel("answer loss")
     right.set_title(f"A-init on {curves['model']} (SGD lr {curves['lr']:g})")
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def headline(models: list[dict[str, Any]], curves: dict[str, Any]) -> dict[str, Any]:
@@ -341,8 +338,7 @@ def headline(models: list[dict[str, Any]], curves: dict[str, Any]) -> dict[str, 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m tmem.bench.update_bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory for results.json and the plot")
+    parser = bench_parser("update_bench", __doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small models for a smoke run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--repeats", type=int, default=3, help="timed updates per route (median reported)")

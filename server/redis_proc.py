@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -21,9 +22,36 @@ DEFAULT_DATA_DIR = Path(".cache/redis")
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def await_redis(proc: subprocess.Popen[bytes], answers: Callable[[], bool], timeout_s: float, log: Path) -> None:
+    """Wait until a starting redis-server `answers()`; if it exits or `timeout_s` passes first, stop it and raise
+    RuntimeError saying which, with the end of its `log`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if answers():
+            return
+        time.sleep(0.05)
+    code = proc.poll()
+    stop_redis(proc)
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+    what = f"exited with {code}" if code is not None else f"did not answer within {timeout_s}s"
+    raise RuntimeError(f"redis-server {what}; see {log}:\n{tail}")
+
+
+def stop_redis(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM (redis-server flushes its AOF before it exits), then SIGKILL if it is still there after `timeout_s`."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -73,24 +101,16 @@ class PrivateRedis:
         assert self._lock is not None
         self.proc = subprocess.Popen([self.binary, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      env=_child_env(), pass_fds=(self._lock.fileno(),))
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            if self._answers():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"redis-server did not start on port {self.port}: see {self.data_dir / 'redis.log'}")
+        try:
+            await_redis(self.proc, self._answers, timeout_s, self.data_dir / "redis.log")
+        except RuntimeError:
+            self.stop()  # and release the data dir
+            raise
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            stop_redis(self.proc)
         self.proc = None
         if self._lock is not None:
             self._lock.close()

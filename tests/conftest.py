@@ -38,17 +38,15 @@ def demo_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def redis_main(artifacts: Path) -> Iterator[RedisServer]:
-    server = RedisServer(data_dir=artifacts / "redis-main").start()
-    yield server
-    server.close()
+    with RedisServer(data_dir=artifacts / "redis-main") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
 def server(tiny_model_dir: Path, redis_main: RedisServer, artifacts: Path) -> Iterator[ServerProcess]:
     """The shared `tmem serve`: real vLLM engine, real Redis, inline worker, test trainer config."""
-    proc = ServerProcess(tiny_model_dir, redis_main.url, artifacts / "server-main.log").start()
-    yield proc
-    proc.stop()
+    with ServerProcess(tiny_model_dir, redis_main.url, artifacts / "server-main.log") as proc:
+        yield proc
 
 
 @pytest.fixture()

@@ -15,11 +15,12 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+
+from tmem.server.redis_proc import await_redis, free_port, stop_redis
 
 FALLBACK_BINARY = "/usr/bin/redis-server"
 
@@ -30,13 +31,6 @@ def find_redis_server() -> str:
     if not Path(candidate).is_file():
         raise RuntimeError("redis-server not found: install it (`make redis`) or set TMEM_REDIS_SERVER")
     return candidate
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _answers_ping(port: int) -> bool:
@@ -78,27 +72,13 @@ class RedisServer:
                 "--save", "", "--appendonly", "yes", "--protected-mode", "no", "--daemonize", "no",
                 "--logfile", str(self.data_dir / "redis.log")]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self._proc.returncode}: {self._log_tail()}")
-            if _answers_ping(self.port):
-                return self
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"redis-server did not answer within {self.start_timeout_s}s: {self._log_tail()}")
+        await_redis(self._proc, lambda: _answers_ping(self.port), self.start_timeout_s, self.data_dir / "redis.log")
+        return self
 
     def stop(self) -> None:
         """Stop the server gracefully (SIGTERM: Redis flushes its AOF before it exits)."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=10)
+        if self._proc is not None:
+            stop_redis(self._proc)
         self._proc = None
 
     def restart(self) -> RedisServer:
@@ -111,10 +91,6 @@ class RedisServer:
         self.stop()
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
-
-    def _log_tail(self) -> str:
-        log = self.data_dir / "redis.log"
-        return log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
 
     def __enter__(self) -> RedisServer:
         return self.start()

@@ -14,6 +14,7 @@ from typing import Any
 
 from tmem.bench.eval.datasets import Conversation, Question
 from tmem.bench.eval.scoring import ScoreTable
+from tmem.bench.harness import pyplot, save_figure
 
 ANSWERS_FILE = "answers.jsonl"
 RESULTS_FILE = "results.json"
@@ -112,10 +113,7 @@ def write_results(out_dir: Path, results: Mapping[str, Any]) -> Path:
 
 def plot_f1(table: ScoreTable, path: Path, title: str) -> Path:
     """A grouped bar chart: one group per category (and "all"), one bar per mode, height = mean F1."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers and CI
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     modes = table.modes()
     categories: list[str] = list(dict.fromkeys(c for mode in modes for c, _ in table.rows(mode)))
@@ -133,7 +131,4 @@ def plot_f1(table: ScoreTable, path: Path, title: str) -> Path:
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

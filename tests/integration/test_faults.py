@@ -25,19 +25,17 @@ PAIRS = [("What is my favorite color?", "Your favorite color is teal."), ("Where
 
 @pytest.fixture(scope="module")
 def redis_faults(artifacts: Path) -> Iterator[RedisServer]:
-    server = RedisServer(data_dir=artifacts / "redis-faults").start()
-    yield server
-    server.close()
+    with RedisServer(data_dir=artifacts / "redis-faults") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def api(tiny_model_dir: Path, redis_faults: RedisServer, artifacts: Path, server: ServerProcess
         ) -> Iterator[ServerProcess]:
     # Depends on the shared `server` so the two engines never start at once on 2 cores.
-    proc = ServerProcess(tiny_model_dir, redis_faults.url, artifacts / "server-faults.log",
-                         extra=["--worker", "off"]).start()
-    yield proc
-    proc.stop()
+    with ServerProcess(tiny_model_dir, redis_faults.url, artifacts / "server-faults.log",
+                       extra=["--worker", "off"]) as proc:
+        yield proc
 
 
 def worker(name: str, model: Path, redis_url: str, api: ServerProcess, artifacts: Path, *extra: str) -> WorkerProcess:
