@@ -125,6 +125,6 @@ def services(store: RedisStore, engine: FakeEngine | None = None, pool: LeaseLog
     engine, pool = engine or FakeEngine(), pool or LeaseLog()
     lifecycle = SessionLifecycle(store, pool, engine.tokenizer, config)  # type: ignore[arg-type]
     chat = ChatService(engine, lifecycle, pool, config)  # type: ignore[arg-type]
-    auth = Auth(KeyRing.from_settings(config), RateLimiter(None, config.redis_prefix, 0, 0))
+    auth = Auth(KeyRing.from_settings(config), RateLimiter(None, 0, 0))
     sessions = SessionService(lifecycle, store, pool, config)  # type: ignore[arg-type]
     return Services(config, auth, chat, sessions, pool, store)  # type: ignore[arg-type]
