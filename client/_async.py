@@ -106,15 +106,12 @@ class AsyncChatStream:
             await self.response.aclose()
 
 
-class AsyncSession:
-    """One server-side session and its adapter; get it from :meth:`AsyncTMEMClient.session`."""
+class _AsyncChats:
+    """The overloaded ``chat`` of the async client and of its sessions, written once (as in the sync client)."""
 
-    def __init__(self, client: AsyncTMEMClient, session_id: str) -> None:
-        self._client = client
-        self.id = session_id
-
-    def __repr__(self) -> str:
-        return f"AsyncSession({self.id!r})"
+    def _chat_route(self) -> tuple[AsyncTMEMClient, str | None]:
+        """The client that sends the chat, and the session it belongs to (None: stateless)."""
+        raise NotImplementedError
 
     @overload
     async def chat(self, messages: MessagesInput, stream: Literal[False] = False, **params: Any) -> ChatCompletion: ...
@@ -125,8 +122,23 @@ class AsyncSession:
     async def chat(
         self, messages: MessagesInput, stream: bool = False, **params: Any
     ) -> ChatCompletion | AsyncChatStream:
-        """Chat in this session; see :meth:`client.Session.chat`."""
-        return await self._client._chat(messages, stream, self.id, params)
+        """A chat completion, in the session or stateless on the client; see :meth:`client.TMEMClient.chat`."""
+        client, session_id = self._chat_route()
+        return await client._chat(messages, stream, session_id, params)
+
+
+class AsyncSession(_AsyncChats):
+    """One server-side session and its adapter; get it from :meth:`AsyncTMEMClient.session`."""
+
+    def __init__(self, client: AsyncTMEMClient, session_id: str) -> None:
+        self._client = client
+        self.id = session_id
+
+    def __repr__(self) -> str:
+        return f"AsyncSession({self.id!r})"
+
+    def _chat_route(self) -> tuple[AsyncTMEMClient, str | None]:
+        return self._client, self.id
 
     async def ingest(self, messages: MessagesInput) -> SessionInfo:
         """Add messages to the session without asking for a reply."""
@@ -159,7 +171,7 @@ class AsyncSession:
         return await self._client._request(delete_plan(self.id))
 
 
-class AsyncTMEMClient:
+class AsyncTMEMClient(_AsyncChats):
     """Asynchronous client of a TMEM server; same settings as :class:`client.TMEMClient`."""
 
     def __init__(
@@ -186,17 +198,8 @@ class AsyncTMEMClient:
         """A handle on session ``session_id`` (created by the server on first use)."""
         return AsyncSession(self, session_id)
 
-    @overload
-    async def chat(self, messages: MessagesInput, stream: Literal[False] = False, **params: Any) -> ChatCompletion: ...
-    @overload
-    async def chat(self, messages: MessagesInput, stream: Literal[True], **params: Any) -> AsyncChatStream: ...
-    @overload
-    async def chat(self, messages: MessagesInput, stream: bool, **params: Any) -> ChatCompletion | AsyncChatStream: ...
-    async def chat(
-        self, messages: MessagesInput, stream: bool = False, **params: Any
-    ) -> ChatCompletion | AsyncChatStream:
-        """A stateless chat completion (no session, nothing learned)."""
-        return await self._chat(messages, stream, None, params)
+    def _chat_route(self) -> tuple[AsyncTMEMClient, str | None]:
+        return self, None
 
     async def models(self) -> ModelList:
         """The models the server serves."""

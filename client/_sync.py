@@ -103,7 +103,31 @@ class ChatStream:
             self.response.close()
 
 
-class Session:
+class _Chats:
+    """The overloaded ``chat`` of the client (stateless) and of its sessions (in the session), written once."""
+
+    def _chat_route(self) -> tuple[TMEMClient, str | None]:
+        """The client that sends the chat, and the session it belongs to (None: stateless)."""
+        raise NotImplementedError
+
+    @overload
+    def chat(self, messages: MessagesInput, stream: Literal[False] = False, **params: Any) -> ChatCompletion: ...
+    @overload
+    def chat(self, messages: MessagesInput, stream: Literal[True], **params: Any) -> ChatStream: ...
+    @overload
+    def chat(self, messages: MessagesInput, stream: bool, **params: Any) -> ChatCompletion | ChatStream: ...
+    def chat(self, messages: MessagesInput, stream: bool = False, **params: Any) -> ChatCompletion | ChatStream:
+        """A chat completion: in a :class:`Session`, sent with ``X-Session-ID``, the turn also teaches its
+        adapter; on the client it is stateless (no session, nothing learned).
+
+        ``messages`` is a string (one user message) or a list of messages. ``params`` are OpenAI
+        sampling fields (``model``, ``temperature``, ``max_tokens``, ...) plus ``idempotency_key``.
+        """
+        client, session_id = self._chat_route()
+        return client._chat(messages, stream, session_id, params)
+
+
+class Session(_Chats):
     """One server-side session and its adapter; get it from :meth:`TMEMClient.session`."""
 
     def __init__(self, client: TMEMClient, session_id: str) -> None:
@@ -113,19 +137,8 @@ class Session:
     def __repr__(self) -> str:
         return f"Session({self.id!r})"
 
-    @overload
-    def chat(self, messages: MessagesInput, stream: Literal[False] = False, **params: Any) -> ChatCompletion: ...
-    @overload
-    def chat(self, messages: MessagesInput, stream: Literal[True], **params: Any) -> ChatStream: ...
-    @overload
-    def chat(self, messages: MessagesInput, stream: bool, **params: Any) -> ChatCompletion | ChatStream: ...
-    def chat(self, messages: MessagesInput, stream: bool = False, **params: Any) -> ChatCompletion | ChatStream:
-        """Chat in this session (sent with ``X-Session-ID``); the turn also teaches its adapter.
-
-        ``messages`` is a string (one user message) or a list of messages. ``params`` are OpenAI
-        sampling fields (``model``, ``temperature``, ``max_tokens``, ...) plus ``idempotency_key``.
-        """
-        return self._client._chat(messages, stream, self.id, params)
+    def _chat_route(self) -> tuple[TMEMClient, str | None]:
+        return self._client, self.id
 
     def ingest(self, messages: MessagesInput) -> SessionInfo:
         """Add messages to the session without asking for a reply."""
@@ -162,7 +175,7 @@ class Session:
         return self._client._request(delete_plan(self.id))
 
 
-class TMEMClient:
+class TMEMClient(_Chats):
     """Synchronous client of a TMEM server.
 
     ``base_url`` may end in ``/v1`` or not. ``api_key`` defaults to ``$TMEM_API_KEY``. Retryable
@@ -195,16 +208,8 @@ class TMEMClient:
         """A handle on session ``session_id`` (created by the server on first use)."""
         return Session(self, session_id)
 
-    @overload
-    def chat(self, messages: MessagesInput, stream: Literal[False] = False, **params: Any) -> ChatCompletion: ...
-    @overload
-    def chat(self, messages: MessagesInput, stream: Literal[True], **params: Any) -> ChatStream: ...
-    @overload
-    def chat(self, messages: MessagesInput, stream: bool, **params: Any) -> ChatCompletion | ChatStream: ...
-    def chat(self, messages: MessagesInput, stream: bool = False, **params: Any) -> ChatCompletion | ChatStream:
-        """A stateless chat completion (no session, nothing learned); same arguments as
-        :meth:`Session.chat`."""
-        return self._chat(messages, stream, None, params)
+    def _chat_route(self) -> tuple[TMEMClient, str | None]:
+        return self, None
 
     def models(self) -> ModelList:
         """The models the server serves."""

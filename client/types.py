@@ -59,28 +59,32 @@ class ChatChoice(_Lenient):
     finish_reason: str | None = None
 
 
-class ChatCompletion(_Lenient):
+class _Completion(_Lenient):
+    """What a chat completion and each of its streamed chunks share (OpenAI's field names)."""
+
+    id: str
+    object: str
+    created: int = 0
+    model: str = ""
+    usage: Usage | None = None
+
+
+class ChatCompletion(_Completion):
     """A non-streamed chat completion (OpenAI's ``chat.completion`` object).
 
     ``adapter_version`` is the session adapter version that produced it (from the
     ``X-TMEM-Adapter-Version`` header) and ``request_id`` the server's ``x-request-id``.
     """
 
-    id: str
     object: str = "chat.completion"
-    created: int = 0
-    model: str = ""
     choices: list[ChatChoice]
-    usage: Usage | None = None
     adapter_version: int | None = None
     request_id: str | None = None
 
     @property
     def text(self) -> str:
         """The first choice's message content ("" when there is none)."""
-        if not self.choices:
-            return ""
-        return self.choices[0].message.content or ""
+        return (self.choices[0].message.content or "") if self.choices else ""
 
 
 class ChunkDelta(_Lenient):
@@ -98,22 +102,16 @@ class ChunkChoice(_Lenient):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(_Lenient):
+class ChatCompletionChunk(_Completion):
     """One streamed piece of a chat completion (OpenAI's ``chat.completion.chunk``)."""
 
-    id: str
     object: str = "chat.completion.chunk"
-    created: int = 0
-    model: str = ""
     choices: list[ChunkChoice] = []
-    usage: Usage | None = None
 
     @property
     def delta_text(self) -> str:
         """The text this chunk adds to the first choice ("" for role-only or usage chunks)."""
-        if not self.choices:
-            return ""
-        return self.choices[0].delta.content or ""
+        return (self.choices[0].delta.content or "") if self.choices else ""
 
 
 class Model(_Lenient):
