@@ -1,4 +1,5 @@
-"""Fixtures the unit tests share: a real, private redis-server per module and a store on it per test."""
+"""Fixtures the unit tests share: a real, private redis-server per module and a store on it per test, and the
+tokenizer of the tiny model a module builds (its own `model_dir` fixture)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tmem.server.store import RedisStore
@@ -28,3 +30,11 @@ async def store(redis_srv: RedisServer) -> AsyncIterator[RedisStore]:
     await s.ensure_group()
     yield s
     await s.aclose()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir: Path) -> Any:
+    """The tokenizer of the module's tiny model (`model_dir`: each module builds the size it needs)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)

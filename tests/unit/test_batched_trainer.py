@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from test_fast_weights import Pair, random_b  # the same pair type and random B as the fast-weight tests
 from tmem.adapters.batched import BatchedTrainer, UpdateItem, b_tolerance, update_many
 from tmem.adapters.fast_weights import FastWeightModel, SessionB
 from tmem.adapters.prefix import PrefixCache
@@ -15,17 +15,11 @@ from tmem.adapters.spec import FastWeightSpec
 from tmem.adapters.supervision import encode_pairs
 from tmem.adapters.tiny_model import build_tiny_model
 from tmem.adapters.trainer import OnlineTrainer, TrainerConfig, UpdateResult, answer_loss
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 SPEC = FastWeightSpec(last_layers=2)  # blocks 2 and 3 of 4: blocks 0-1 are the reusable prefix
 # Per-token loss equality: the same float32 math summed in a different order.
 LOSS_ATOL = 1e-5
-
-
-@dataclass(frozen=True)
-class Pair:
-    instruction: str
-    output: str
 
 
 PAIRS = [Pair(f"What did {name} do on {day}?", f"{name} went to {place} with a friend.")
@@ -56,18 +50,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(model_dir: Path):
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
 def fast(model_dir: Path) -> FastWeightModel:
     return FastWeightModel(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), SPEC)
-
-
-def random_b(fast: FastWeightModel, seed: int, scale: float = 0.05) -> SessionB:
-    gen = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(t.shape, generator=gen) * scale for n, t in fast.zero_b().items()}
 
 
 def sessions(fast: FastWeightModel) -> list[tuple[SessionB, list[Pair]]]:

@@ -61,44 +61,51 @@ def test_tokens_are_normalized_then_stemmed() -> None:
     assert tokens("The dogs are running") == ["dog", "are", "run"]
 
 
-F1_CASES = [
-    # (prediction, gold, category, expected F1)
-    # category 1, multi-hop: mean over gold comma-parts of the best F1 against any predicted part
-    ("Psychology, counseling certification", "Psychology, counseling certification", 1, 1.0),
-    ("counseling certification, psychology", "Psychology, counseling certification", 1, 1.0),
-    ("psychology", "Psychology, counseling certification", 1, 0.5),
-    # one predicted part {psycholog, counsel}: vs "psychology" 2/3, vs "counseling certification" 1/2
-    ("Psychology and counseling", "Psychology, counseling certification", 1, 7 / 12),
-    ("2", 2, 1, 1.0),
-    ("", "Psychology, counseling certification", 1, 0.0),
+LOCOMO_CASES = [
+    # (prediction, gold, category, expected F1, expected EM)
+    # category 1, multi-hop: mean over gold comma-parts of the best score against any predicted part
+    ("Psychology, counseling certification", "Psychology, counseling certification", 1, 1.0, 1.0),
+    ("counseling certification, psychology", "Psychology, counseling certification", 1, 1.0, 1.0),
+    ("psychology", "Psychology, counseling certification", 1, 0.5, 0.5),
+    # one predicted part {psycholog, counsel}: F1 vs "psychology" 2/3, vs "counseling certification" 1/2;
+    # it equals neither part's token set
+    ("Psychology and counseling", "Psychology, counseling certification", 1, 7 / 12, 0.0),
+    ("2", 2, 1, 1.0, 1.0),
+    ("", "Psychology, counseling certification", 1, 0.0, 0.0),
     # category 2, temporal: plain token F1, integer golds compared as text
-    ("7 May 2023", "7 May 2023", 2, 1.0),
-    ("In 2022", 2022, 2, 2 / 3),  # P = 1/2, R = 1
-    ("June 2023", "The week before 9 June 2023", 2, 4 / 7),  # P = 1, R = 2/5
-    ("2023", 2022, 2, 0.0),
+    ("7 May 2023", "7 May 2023", 2, 1.0, 1.0),
+    ("In 2022", 2022, 2, 2 / 3, 0.0),  # P = 1/2, R = 1
+    ("2022", 2022, 2, 1.0, 1.0),
+    ("June 2023", "The week before 9 June 2023", 2, 4 / 7, 0.0),  # P = 1, R = 2/5
+    ("2023", 2022, 2, 0.0, 0.0),
     # category 3, open-domain: only the gold text before the first ";"
-    ("Likely no", "Likely no; though she likes reading, she wants to be a counselor", 3, 1.0),
-    ("No", "Likely no; since this one went badly", 3, 2 / 3),  # P = 1, R = 1/2
-    ("National park", "National park; she likes the outdoors", 3, 1.0),
-    ("she likes the outdoors", "National park; she likes the outdoors", 3, 0.0),
+    ("Likely no", "Likely no; though she likes reading, she wants to be a counselor", 3, 1.0, 1.0),
+    ("Likely no", "Likely no; since this one went badly", 3, 1.0, 1.0),
+    ("No", "Likely no; since this one went badly", 3, 2 / 3, 0.0),  # P = 1, R = 1/2
+    ("National park", "National park; she likes the outdoors", 3, 1.0, 1.0),
+    ("she likes the outdoors", "National park; she likes the outdoors", 3, 0.0, 0.0),
     # category 4, single-hop: plain token F1 after normalization and stemming
-    ("Adoption agencies", "adoption agencies", 4, 1.0),
-    ("She researched adoption agencies in May", "Adoption agencies", 4, 0.5),  # P = 2/6, R = 1
-    ("The Eiffel Tower!", "eiffel tower", 4, 1.0),
-    ("running", "run", 4, 1.0),
-    ("", "Single", 4, 0.0),
+    ("Adoption agencies", "adoption agencies", 4, 1.0, 1.0),
+    ("The adoption agencies.", "Adoption agencies", 4, 1.0, 1.0),
+    ("She researched adoption agencies in May", "Adoption agencies", 4, 0.5, 0.0),  # P = 2/6, R = 1
+    ("The Eiffel Tower!", "eiffel tower", 4, 1.0, 1.0),
+    ("running", "run", 4, 1.0, 1.0),
+    ("", "Single", 4, 0.0, 0.0),
     # category 5, adversarial: credit only for declining in one of two phrases
-    ("No information available.", "self-care is important", 5, 1.0),
-    ("That was not mentioned in the conversation", "self-care is important", 5, 1.0),
-    ("NOT MENTIONED", "Yes", 5, 1.0),
-    ("Self-care is important", "self-care is important", 5, 0.0),
-    ("I don't know", "Yes", 5, 0.0),
+    ("No information available.", "self-care is important", 5, 1.0, 1.0),
+    ("That was not mentioned in the conversation", "self-care is important", 5, 1.0, 1.0),
+    ("NOT MENTIONED", "Yes", 5, 1.0, 1.0),
+    ("Not mentioned.", "Yes", 5, 1.0, 1.0),
+    ("Self-care is important", "self-care is important", 5, 0.0, 0.0),
+    ("Yes", "Yes", 5, 0.0, 0.0),
+    ("I don't know", "Yes", 5, 0.0, 0.0),
 ]
 
 
-@pytest.mark.parametrize(("prediction", "gold", "category", "expected"), F1_CASES)
-def test_locomo_f1(prediction: str, gold: str | int, category: int, expected: float) -> None:
-    assert locomo_f1(prediction, gold, category) == pytest.approx(expected)
+@pytest.mark.parametrize(("prediction", "gold", "category", "f1", "em"), LOCOMO_CASES)
+def test_locomo_f1_and_em(prediction: str, gold: str | int, category: int, f1: float, em: float) -> None:
+    assert locomo_f1(prediction, gold, category) == pytest.approx(f1)
+    assert locomo_em(prediction, gold, category) == pytest.approx(em)
 
 
 def test_category_may_be_given_as_text() -> None:
@@ -134,25 +141,6 @@ def test_token_f1(prediction: str, gold: str, expected: float) -> None:
 )
 def test_exact_match(prediction: str, gold: str, expected: float) -> None:
     assert exact_match(prediction, gold) == expected
-
-
-@pytest.mark.parametrize(
-    ("prediction", "gold", "category", "expected"),
-    [
-        ("psychology", "Psychology, counseling certification", 1, 0.5),
-        ("counseling certification, psychology", "Psychology, counseling certification", 1, 1.0),
-        ("In 2022", 2022, 2, 0.0),
-        ("2022", 2022, 2, 1.0),
-        ("Likely no", "Likely no; since this one went badly", 3, 1.0),
-        ("No", "Likely no; since this one went badly", 3, 0.0),
-        ("The adoption agencies.", "Adoption agencies", 4, 1.0),
-        ("", "Single", 4, 0.0),
-        ("Not mentioned.", "Yes", 5, 1.0),
-        ("Yes", "Yes", 5, 0.0),
-    ],
-)
-def test_locomo_em(prediction: str, gold: str | int, category: int, expected: float) -> None:
-    assert locomo_em(prediction, gold, category) == pytest.approx(expected)
 
 
 def _filled_table() -> ScoreTable:

@@ -12,9 +12,10 @@ from tmem.adapters.checkpoint import CheckpointError, decode_b, encode_b, read_m
 from tmem.adapters.fast_weights import FastWeightModel
 from tmem.adapters.peft_io import read_peft_dir, write_peft_dir
 from tmem.adapters.spec import FastWeightSpec
+from tmem.adapters.supervision import render_chat_ids
 from tmem.adapters.tiny_model import build_tiny_model
 from tmem.adapters.trainer import OnlineTrainer, TrainerConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 # fp32 forward of the same math in a different order (hook vs PEFT's LoRA layer).
 LOGIT_ATOL = 1e-4
@@ -37,11 +38,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny"), layers=3, hidden=128, seed=1)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(model_dir: Path):
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
 def load(model_dir: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
@@ -57,9 +53,7 @@ def random_b(fast: FastWeightModel, seed: int = 0, scale: float = 0.05) -> dict[
 
 
 def prompt_ids(tokenizer, question: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                        tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return render_chat_ids(tokenizer, [{"role": "user", "content": question}])
 
 
 def test_targets_are_ffn_projections_of_the_last_layers(fast: FastWeightModel) -> None:

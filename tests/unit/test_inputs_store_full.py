@@ -7,10 +7,7 @@ own calls must then raise StoreFull, and the app's one error mapper must answer 
 from __future__ import annotations
 
 import json
-import sys
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.exceptions import OutOfMemoryError
@@ -20,25 +17,14 @@ from tmem.server.metrics import METRICS
 from tmem.server.settings import Settings
 from tmem.server.store import RedisStore, StoreFull, StoreUnavailable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from redis_fixture import RedisServer
-
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 T = "acme"
 TURN = [{"role": "user", "content": "I moved to Lisbon."}, {"role": "assistant", "content": "Nice!"}]
 
 
-@pytest.fixture(scope="module")
-def redis_srv() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
 @pytest.fixture
-async def full_store(redis_srv: RedisServer) -> AsyncIterator[RedisStore]:
+async def full_store(store: RedisStore) -> AsyncIterator[RedisStore]:
     """A store with one existing session, on a Redis that has just refused a write for lack of memory."""
-    store = RedisStore.from_url(redis_srv.url, prefix=f"t{uuid.uuid4().hex[:10]}", socket_timeout=2.0)
-    await store.ensure_group()
     await store.ensure_session(T, "s1")
     client = store.client
     for i in range(64):  # other data filled it (1 MB)...
@@ -52,7 +38,6 @@ async def full_store(redis_srv: RedisServer) -> AsyncIterator[RedisStore]:
     yield store
     await client.config_set("maxmemory", 0)
     await client.flushdb()
-    await store.aclose()
 
 
 async def test_a_write_at_maxmemory_is_store_full_not_a_bare_response_error(full_store: RedisStore) -> None:
