@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_prompting import FakeTokenizer
+from fakes import FakeTokenizer
 from tmem.server.prompting import MEMORY_HEADER, fit_turns, new_suffix, render_ids, system_text
 
 Message = dict[str, Any]
