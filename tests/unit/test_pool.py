@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import tmem.server.pool as pool_module
 from fakes import FakeEngine
-from tmem.server.metrics import METRICS
 from tmem.adapters.spec import FastWeightSpec
+from tmem.server.metrics import METRICS
 from tmem.server.pool import AdapterPool, VersionTensors
 from tmem.server.store import CheckpointHeader
 from tmem.server.store.verified import VerifiedCheckpoint
