@@ -62,6 +62,7 @@ class ChildProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.stop()  # what it started (vLLM's engine processes) may still run
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}:\n"
                                    f"{self.log_tail()}")
             if self.ready():
