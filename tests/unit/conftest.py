@@ -3,18 +3,14 @@ tokenizer of the tiny model a module builds (its own `model_dir` fixture)."""
 
 from __future__ import annotations
 
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from tmem.server.store import RedisStore
-
-# tests/ is not a package: its shared helpers are imported from the folder itself.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from redis_fixture import RedisServer
+from tmem.server.store import RedisStore
 
 
 @pytest.fixture(scope="module")

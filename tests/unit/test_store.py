@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
+from redis_fixture import RedisServer
 from tmem.server.store import (
     AppendResult,
     CommitResult,
@@ -20,10 +19,6 @@ from tmem.server.store import (
     StoreUnavailable,
     UpdateSnapshot,
 )
-
-# tests/ is not a package: its shared helpers are imported from the folder itself.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from redis_fixture import RedisServer
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

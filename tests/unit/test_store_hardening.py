@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import sys
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
+from redis_fixture import RedisServer
+from test_store import HELLO, PAIR, T  # the same session material as the store tests
 from tmem.server.errors import to_http_error
 from tmem.server.store import (
     A0Corrupt,
@@ -29,10 +29,6 @@ from tmem.server.store import (
     request_fingerprint,
 )
 from tmem.server.store.refusals import register_store_errors
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from redis_fixture import RedisServer
-from test_store import HELLO, PAIR, T  # the same session material as the store tests
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
