@@ -28,12 +28,20 @@ def test_models_and_health(openai_client, server) -> None:
     assert health["status"] == "ok" and health["redis"] is True
 
 
-def test_stateless_request_is_a_plain_openai_endpoint(openai_client) -> None:
+def test_stateless_request_is_a_plain_openai_endpoint(openai_client, tiny_model_dir) -> None:
+    from transformers import AutoTokenizer
+
     raw = chat(openai_client, None, "Hello!")
     completion = raw.parse()
     assert completion.object == "chat.completion"
     assert completion.choices[0].message.role == "assistant"
-    assert completion.usage.completion_tokens > 0
+    # The prompt is the model's own chat template of the messages sent, nothing injected (what `vllm serve` does).
+    template = AutoTokenizer.from_pretrained(tiny_model_dir).apply_chat_template(
+        [{"role": "user", "content": "Hello!"}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    usage = completion.usage
+    assert usage.prompt_tokens == len(template)
+    assert 1 <= usage.completion_tokens <= 12 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert (completion.choices[0].finish_reason == "length") == (usage.completion_tokens == 12)
     assert raw.headers["X-TMEM-Adapter-Version"] == "0"
 
 
@@ -69,7 +77,8 @@ def test_each_turn_is_stored_once_and_queues_an_update(openai_client, server, si
     assert info["turns"] == 6  # 3 user messages + 3 replies, each once
     flushed = httpx.post(f"{server.url}/v1/sessions/{sid}/flush", json={"timeout": 180}, timeout=200).json()
     assert versions == sorted(versions)
-    assert flushed["adapter_version"] >= versions[-1]
+    # At least one update went live, at most one per turn, and none was lost after a turn had been served with it.
+    assert max(1, versions[-1]) <= flushed["adapter_version"] <= 3
     assert session_info(server.url, sid)["pending_updates"] == 0
 
 
@@ -91,8 +100,9 @@ def test_a_reply_is_not_delayed_until_a_running_update_finishes(server, sid, ope
              for i in range(48)]
     httpx.post(f"{server.url}/v1/sessions/{sid}/memories", json={"pairs": pairs}, timeout=30).raise_for_status()
     raw = chat(openai_client, sid, "Quick question while you learn.")
-    assert raw.parse().choices[0].message.content is not None
-    # The reply came back while the update was still pending: it never waited for the trainer.
+    assert raw.parse().choices[0].finish_reason in ("stop", "length")  # a whole reply
+    # The reply came back while the update was still pending, served without it: it never waited for the trainer.
+    assert raw.headers["X-TMEM-Adapter-Version"] == "0"
     assert session_info(server.url, sid)["pending_updates"] > 0
     httpx.post(f"{server.url}/v1/sessions/{sid}/flush", json={"timeout": 300}, timeout=320).raise_for_status()
 
@@ -104,8 +114,11 @@ def test_ingest_then_flush_absorbs_messages(server, sid) -> None:
     assert info["turns"] == 2 and info["pending_updates"] == 2
     httpx.post(f"{server.url}/v1/sessions/{sid}/flush", json={"timeout": 180}, timeout=200).raise_for_status()
     after = session_info(server.url, sid)
-    assert after["pending_updates"] == 0
-    assert isinstance(after["summary"], str)
+    assert (after["pending_updates"], after["adapter_version"], after["turns"]) == (0, 1, 2)
+    report = after["last_update"]
+    assert report["chunks"] == 1 and report["examples"] > 0
+    assert report["pairs_kept"] > 0 or report["raw_chunks"] == 1  # learned as pairs, or as the text itself
+    assert (report["summary"] == "updated") == (after["summary"] != "")  # the report says whether memory changed
 
 
 def test_delete_forgets_everything(server, sid, redis_main) -> None:
@@ -247,6 +260,7 @@ def test_delete_while_a_request_uses_the_adapter_keeps_the_engine_alive(server, 
     import threading
 
     teach_and_flush(server.url, sid, [("Where is my passport?", "Your passport is in the drawer.")])
+    base_reply = greedy(server.url, "still alive?")
     body = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 400,
             "temperature": 0, "stream": True}
     streamed: list[bytes] = []
@@ -263,7 +277,7 @@ def test_delete_while_a_request_uses_the_adapter_keeps_the_engine_alive(server, 
     reader.join(timeout=120)
     assert b"data: [DONE]" in b"".join(streamed)  # the in-flight request finished with its adapter
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
-    assert greedy(server.url, "still alive?")[0] is not None
+    assert greedy(server.url, "still alive?") == base_reply  # the base model serves as before, unharmed
 
 
 def test_a_reused_session_id_never_serves_the_deleted_sessions_weights(server, sid) -> None:
