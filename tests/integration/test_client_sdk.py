@@ -37,7 +37,8 @@ def test_every_session_method_against_the_real_server(server, sid, tmp_path: Pat
         version = session.info().adapter_version
         taught = [m for m in session.memories() if m.source == "taught"]
         assert [(m.instruction, m.output, m.version) for m in taught] == [(*PAIR, version)]
-        assert session.info().last_update is not None
+        last_update = session.info().last_update
+        assert last_update is not None and last_update["pairs_taught"] == 1  # the update that went live taught PAIR
         answer = session.chat(PAIR[0], max_tokens=16, temperature=0)
         assert answer.adapter_version == version
         assert session.download_adapter(tmp_path / "adapter") == version
@@ -81,7 +82,7 @@ def test_error_classes_by_status(server, sid, call, error) -> None:
     with TMEMClient(server.url, max_retries=0) as tmem, pytest.raises(error) as raised:
         call(tmem, sid)
     assert raised.value.request_id
-    assert raised.value.type is not None
+    assert raised.value.type == ("not_found_error" if error is NotFoundError else "invalid_request_error")
 
 
 def test_503_is_retried_after_the_servers_retry_after(server, sid) -> None:

@@ -48,7 +48,9 @@ def test_a_client_reset_after_the_first_chunk_stores_nothing(server, sid) -> Non
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
 
 
-def test_a_stream_read_to_the_end_is_stored_with_token_counts(server, redis_main, sid) -> None:
+def test_a_stream_read_to_the_end_is_stored_with_token_counts(server, redis_main, sid, tiny_model_dir) -> None:
+    from transformers import AutoTokenizer
+
     body = {"messages": [{"role": "user", "content": "Tell me about Lisbon."}], "stream": True,
             "max_tokens": 12, "temperature": 0}
     events = []
@@ -60,4 +62,7 @@ def test_a_stream_read_to_the_end_is_stored_with_token_counts(server, redis_main
     reply = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events[:-1])
     turns = stored_turns(redis_main.url, sid)
     assert [(t["role"], t["content"]) for t in turns] == [("user", "Tell me about Lisbon."), ("assistant", reply)]
-    assert all(isinstance(t["tokens"], int) and t["tokens"] > 0 for t in turns)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # each turn's count is its content's tokens
+    assert [t["tokens"] for t in turns] == [len(tokenizer.encode(t["content"], add_special_tokens=False))
+                                            for t in turns]
+    assert reply, "the stream carried text"
