@@ -132,7 +132,7 @@ async def _running(app: FastAPI, settings: Settings, keys: KeyRing) -> AsyncIter
     worker_task: asyncio.Task[None] | None = None
     worker: UpdateWorker | None = None
     try:
-        await store.ensure_group()
+        await store.jobs.ensure_group()
         pool = AdapterPool(engine, store, settings.adapter_dir, settings.model_name, settings.max_resident_adapters)
         limiter = RateLimiter(store.rate_limits, settings.rate_limit_rpm, settings.rate_limit_tpm)
         lifecycle = SessionLifecycle(store, pool, engine.tokenizer, settings)

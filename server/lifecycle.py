@@ -113,7 +113,7 @@ class SessionLifecycle:
 
     async def queue_update(self, tenant: str, sid: str, reason: str) -> bool:
         """Queue the session's update now, whatever the policy; False when one is already queued."""
-        return await self.store.enqueue_update(tenant, sid, reason=reason, force=True)
+        return await self.store.jobs.enqueue_update(tenant, sid, reason=reason, force=True)
 
     async def delete(self, tenant: str, sid: str) -> None:
         """Delete the session (404 if the tenant has none) and drop its adapters from this replica."""

@@ -62,7 +62,7 @@ class UpdateWorker:
         during training no longer waits for the whole pass before its own update starts.
         """
         await self._publish_a0()
-        await self.store.ensure_group()
+        await self.store.jobs.ensure_group()
         slots = asyncio.Semaphore(self.settings.worker_pipeline)
         passes: set[asyncio.Task[None]] = set()
         try:
@@ -81,9 +81,9 @@ class UpdateWorker:
     async def _next_jobs(self) -> list[Job]:
         group = self.settings.update_group_size
         try:
-            jobs = await self.store.reclaim(self.name, self.settings.job_reclaim_idle_ms, count=group)
-            jobs += await self.store.read_jobs(self.name, count=max(1, group - len(jobs)), block_ms=500)
-            METRICS.queue_depth.set(await self.store.queue_depth())
+            jobs = await self.store.jobs.reclaim(self.name, self.settings.job_reclaim_idle_ms, count=group)
+            jobs += await self.store.jobs.read_jobs(self.name, count=max(1, group - len(jobs)), block_ms=500)
+            METRICS.queue_depth.set(await self.store.jobs.queue_depth())
             return jobs
         except StoreUnavailable as exc:
             log.warning("worker %s: Redis unavailable (%s); retrying", self.name, exc)
@@ -136,14 +136,14 @@ class UpdateWorker:
         try:
             todo = [key for key in held if await self._admit(key, by_session)]
             for key in todo:
-                await self.store.clear_pending_flag(*key)
+                await self.store.jobs.clear_pending_flag(*key)
             failures = await self._update_isolated([by_session[key][0] for key in todo])
             for key in todo:
                 if key in failures:
                     await self._failed(by_session[key], failures[key])
                     continue
                 for job in by_session[key]:
-                    await self.store.ack(job)
+                    await self.store.jobs.ack(job)
             return len(todo)
         finally:
             heartbeat.cancel()
@@ -158,7 +158,7 @@ class UpdateWorker:
         live: list[Job] = []
         for job in by_session[key]:
             if incarnation is None or (job.incarnation and job.incarnation != incarnation):
-                await self.store.ack(job)  # its session was deleted (perhaps recreated): nothing of it is left
+                await self.store.jobs.ack(job)  # its session was deleted (perhaps recreated): nothing of it is left
             elif job.deliveries > self.settings.max_job_attempts:
                 await self._give_up(job, f"the worker stopped while updating it {job.deliveries - 1} times")
             else:
@@ -166,7 +166,7 @@ class UpdateWorker:
         by_session[key] = live
         if not live:
             return False
-        if not await self.store.take_update_budget(key[0], self.settings.tenant_updates_per_minute):
+        if not await self.store.jobs.take_update_budget(key[0], self.settings.tenant_updates_per_minute):
             METRICS.updates.labels("deferred").inc()
             await self._defer(live)
             return False
@@ -202,20 +202,20 @@ class UpdateWorker:
 
     async def _give_up(self, job: Job, error: str) -> None:
         METRICS.updates.labels("dead-lettered").inc()
-        await self.store.dead_letter(job, error)
+        await self.store.jobs.dead_letter(job, error)
         await self.store.set_last_error(job.tenant, job.sid,
                                         f"update given up after {job.deliveries} attempts: {error}")
 
     async def _defer(self, jobs: list[Job]) -> None:
         for job in jobs:
-            await self.store.defer(job)
+            await self.store.jobs.defer(job)
 
     async def _keep_claims(self, jobs: list[Job]) -> None:
         """Keep the jobs in hand from looking idle, so no other worker reclaims (and charges) them meanwhile."""
         while True:
             await asyncio.sleep(self.settings.job_reclaim_idle_ms / 3000)
             with contextlib.suppress(StoreUnavailable):
-                await self.store.touch(self.name, jobs)
+                await self.store.jobs.touch(self.name, jobs)
 
     async def _update(self, jobs: list[Job]) -> None:
         todo = jobs

@@ -27,7 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 from tmem.server.store.checkpoints import StoredCheckpoint
 from tmem.server.store.errors import faults_as_unavailable
-from tmem.server.store.jobs import Job, JobQueue
+from tmem.server.store.jobs import JobQueue
 from tmem.server.store.keys import KeyLayout
 from tmem.server.store.limits import StoreLimits
 from tmem.server.store.ratelimits import RateLimitCounters
@@ -97,55 +97,7 @@ class RedisStore:
         """Close the client's connections."""
         await self._redis.aclose()
 
-    # -- the job queue, for callers that hold the store (the work is in `self.jobs`) ----------------
-    async def ensure_group(self) -> None:
-        """Create the job stream and its consumer group when missing."""
-        await self.jobs.ensure_group()
-
-    async def enqueue_update(self, tenant: str, sid: str, reason: str, force: bool = False) -> bool:
-        """Queue the session's update unless one is pending; False when coalesced (JobQueue.enqueue_update)."""
-        return await self.jobs.enqueue_update(tenant, sid, reason, force)
-
-    async def clear_pending_flag(self, tenant: str, sid: str) -> None:
-        """Let the session's next turn queue a new job (a worker is starting its update)."""
-        await self.jobs.clear_pending_flag(tenant, sid)
-
-    async def read_jobs(self, consumer: str, count: int = 1, block_ms: int | None = None) -> list[Job]:
-        """New jobs for this consumer (JobQueue.read_jobs)."""
-        return await self.jobs.read_jobs(consumer, count, block_ms)
-
-    async def reclaim(self, consumer: str, min_idle_ms: int, count: int = 10) -> list[Job]:
-        """Take over jobs left unacked by another consumer (JobQueue.reclaim)."""
-        return await self.jobs.reclaim(consumer, min_idle_ms, count)
-
-    async def ack(self, job: Job) -> None:
-        """Acknowledge and delete a finished job."""
-        await self.jobs.ack(job)
-
-    async def dead_letter(self, job: Job, error: str) -> None:
-        """Give up on a job, recording it with its error."""
-        await self.jobs.dead_letter(job, error)
-
-    async def read_dead_letters(self, count: int = 100) -> list[dict[str, str]]:
-        """The newest dead letters, oldest first."""
-        return await self.jobs.read_dead_letters(count)
-
-    async def defer(self, job: Job) -> None:
-        """Move a job, untried, to the back of the queue."""
-        await self.jobs.defer(job)
-
-    async def touch(self, consumer: str, jobs: Sequence[Job]) -> None:
-        """Keep jobs still being worked on from being reclaimed."""
-        await self.jobs.touch(consumer, jobs)
-
-    async def take_update_budget(self, tenant: str, per_minute: int) -> bool:
-        """Count one update against the tenant's budget for this minute; False when spent."""
-        return await self.jobs.take_update_budget(tenant, per_minute)
-
-    async def queue_depth(self) -> int:
-        """Jobs not yet done."""
-        return await self.jobs.queue_depth()
-
+    # -- keys -----------------------------------------------------------------------------------------
     def _key(self, tenant: str, sid: str, part: str) -> str:
         return self.keys.session(tenant, sid, part)
 

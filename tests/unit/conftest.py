@@ -23,7 +23,7 @@ def redis_srv() -> Iterator[RedisServer]:
 async def store(redis_srv: RedisServer) -> AsyncIterator[RedisStore]:
     """A store under its own key prefix, so tests sharing the module's redis-server never see each other."""
     s = RedisStore.from_url(redis_srv.url, prefix=f"t{uuid.uuid4().hex[:10]}", socket_timeout=2.0)
-    await s.ensure_group()
+    await s.jobs.ensure_group()
     yield s
     await s.aclose()
 

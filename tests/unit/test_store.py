@@ -244,24 +244,24 @@ async def test_last_error_is_set_only_on_existing_sessions_and_cleared_by_a_comm
 async def test_enqueue_coalesces_until_the_worker_starts(store: RedisStore) -> None:
     await append(store, "s", HELLO)
     before = time.time()
-    assert await store.enqueue_update(T, "s", reason="turn") is True
-    assert await store.enqueue_update(T, "s", reason="turn") is False
+    assert await store.jobs.enqueue_update(T, "s", reason="turn") is True
+    assert await store.jobs.enqueue_update(T, "s", reason="turn") is False
     state = await store.get_session(T, "s")
     assert state is not None and state.job_pending
-    jobs = await store.read_jobs("w1", count=10)
+    jobs = await store.jobs.read_jobs("w1", count=10)
     assert [(j.job_id, j.tenant, j.sid, j.reason, j.force) for j in jobs] == [(f"{T}:s:2:0", T, "s", "turn", False)]
     assert stamped_between(jobs[0].enqueued_at, before)  # when it was queued
-    await store.clear_pending_flag(T, "s")  # the worker starts the update
+    await store.jobs.clear_pending_flag(T, "s")  # the worker starts the update
     await append(store, "s", HELLO)
     await teach(store, "s", [PAIR])
-    assert await store.enqueue_update(T, "s", reason="teach") is True
-    assert await store.enqueue_update(T, "s", reason="turn") is False
-    assert [j.job_id for j in await store.read_jobs("w1", count=10)] == [f"{T}:s:4:1"]
+    assert await store.jobs.enqueue_update(T, "s", reason="teach") is True
+    assert await store.jobs.enqueue_update(T, "s", reason="turn") is False
+    assert [j.job_id for j in await store.jobs.read_jobs("w1", count=10)] == [f"{T}:s:4:1"]
 
 
 async def test_concurrent_enqueues_queue_exactly_one_job(store: RedisStore) -> None:
     await append(store, "s", HELLO)
-    results = await asyncio.gather(*(store.enqueue_update(T, "s", reason="turn") for _ in range(20)))
+    results = await asyncio.gather(*(store.jobs.enqueue_update(T, "s", reason="turn") for _ in range(20)))
     assert results.count(True) == 1
     assert await store.client.xlen(store.jobs.stream) == 1
 
@@ -270,54 +270,54 @@ async def test_job_ids_are_deterministic_and_teach_counter_never_decreases(store
     await teach(store, "s", [PAIR, PAIR])
     await commit(store, "s", await store.claim_snapshot(T, "s"))  # trims the list to 0 pairs
     await teach(store, "s", [PAIR])
-    await store.enqueue_update(T, "s", reason="teach")
-    (job,) = await store.read_jobs("w", count=5)
+    await store.jobs.enqueue_update(T, "s", reason="teach")
+    (job,) = await store.jobs.read_jobs("w", count=5)
     assert job.job_id == f"{T}:s:0:3"  # 3 pairs ever taught, although 1 is pending
 
 
 async def test_enqueue_for_unknown_session_queues_nothing(store: RedisStore) -> None:
-    assert await store.enqueue_update(T, "nobody", reason="turn") is False
-    assert await store.read_jobs("w", count=5) == []
+    assert await store.jobs.enqueue_update(T, "nobody", reason="turn") is False
+    assert await store.jobs.read_jobs("w", count=5) == []
     assert await store.get_session(T, "nobody") is None
 
 
 async def test_force_queues_even_when_a_job_is_pending(store: RedisStore) -> None:
     await append(store, "s", HELLO)
-    assert await store.enqueue_update(T, "s", reason="turn")
-    assert await store.enqueue_update(T, "s", reason="manual", force=True)
-    jobs = await store.read_jobs("w", count=5)
+    assert await store.jobs.enqueue_update(T, "s", reason="turn")
+    assert await store.jobs.enqueue_update(T, "s", reason="manual", force=True)
+    jobs = await store.jobs.read_jobs("w", count=5)
     assert [(j.reason, j.force) for j in jobs] == [("turn", False), ("manual", True)]
 
 
 async def test_read_ack_and_queue_depth(store: RedisStore) -> None:
     for sid in ("a", "b", "c"):
         await append(store, sid, HELLO)
-        await store.enqueue_update(T, sid, reason="turn")
-    assert await store.queue_depth() == 3
-    jobs = await store.read_jobs("w", count=2, block_ms=100)
+        await store.jobs.enqueue_update(T, sid, reason="turn")
+    assert await store.jobs.queue_depth() == 3
+    jobs = await store.jobs.read_jobs("w", count=2, block_ms=100)
     assert [j.sid for j in jobs] == ["a", "b"]
-    assert await store.queue_depth() == 3  # 2 delivered but unacked + 1 unread
-    await store.ack(jobs[0])
-    assert await store.queue_depth() == 2
+    assert await store.jobs.queue_depth() == 3  # 2 delivered but unacked + 1 unread
+    await store.jobs.ack(jobs[0])
+    assert await store.jobs.queue_depth() == 2
     assert await store.client.xlen(store.jobs.stream) == 2  # acked jobs are deleted
-    (last,) = await store.read_jobs("w", count=5)
-    await store.ack(jobs[1])
-    await store.ack(last)
-    assert await store.queue_depth() == 0
-    assert await store.read_jobs("w", count=5, block_ms=50) == []
+    (last,) = await store.jobs.read_jobs("w", count=5)
+    await store.jobs.ack(jobs[1])
+    await store.jobs.ack(last)
+    assert await store.jobs.queue_depth() == 0
+    assert await store.jobs.read_jobs("w", count=5, block_ms=50) == []
 
 
 async def test_reclaim_takes_over_a_job_nobody_acked(store: RedisStore) -> None:
     await append(store, "s", HELLO)
-    await store.enqueue_update(T, "s", reason="turn")
-    (lost,) = await store.read_jobs("crashed", count=1)
-    assert await store.reclaim("rescuer", min_idle_ms=60_000) == []  # not idle long enough yet
+    await store.jobs.enqueue_update(T, "s", reason="turn")
+    (lost,) = await store.jobs.read_jobs("crashed", count=1)
+    assert await store.jobs.reclaim("rescuer", min_idle_ms=60_000) == []  # not idle long enough yet
     await asyncio.sleep(0.1)
-    (found,) = await store.reclaim("rescuer", min_idle_ms=50)
+    (found,) = await store.jobs.reclaim("rescuer", min_idle_ms=50)
     assert (found.stream_id, found.job_id) == (lost.stream_id, lost.job_id)
     pending = await store.client.xpending_range(store.jobs.stream, store.jobs.group, "-", "+", 10)
     assert [p["consumer"] for p in pending] == [b"rescuer"]
-    await store.ack(found)
+    await store.jobs.ack(found)
     assert await store.client.xpending(store.jobs.stream, store.jobs.group) == {
         "pending": 0,
         "min": None,
@@ -329,27 +329,27 @@ async def test_reclaim_takes_over_a_job_nobody_acked(store: RedisStore) -> None:
 async def test_reclaim_skips_entries_deleted_while_pending(store: RedisStore) -> None:
     for sid in ("a", "b"):
         await append(store, sid, HELLO)
-        await store.enqueue_update(T, sid, reason="turn")
-    gone, kept = await store.read_jobs("crashed", count=2)
+        await store.jobs.enqueue_update(T, sid, reason="turn")
+    gone, kept = await store.jobs.read_jobs("crashed", count=2)
     await store.client.xdel(store.jobs.stream, gone.stream_id)
     await asyncio.sleep(0.06)
-    assert [j.sid for j in await store.reclaim("rescuer", min_idle_ms=50)] == [kept.sid]
-    assert await store.queue_depth() == 1
+    assert [j.sid for j in await store.jobs.reclaim("rescuer", min_idle_ms=50)] == [kept.sid]
+    assert await store.jobs.queue_depth() == 1
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
 async def test_jobs_work_over_resp2_and_resp3(redis_srv: RedisServer, protocol: int) -> None:
     s = RedisStore.from_url(redis_srv.url, prefix=f"t{uuid.uuid4().hex[:10]}", protocol=protocol)
     try:
-        await s.ensure_group()
-        await s.ensure_group()  # idempotent
+        await s.jobs.ensure_group()
+        await s.jobs.ensure_group()  # idempotent
         await append(s, "s", HELLO)
-        await s.enqueue_update(T, "s", reason="turn")
-        (job,) = await s.read_jobs("crashed", count=1, block_ms=100)
+        await s.jobs.enqueue_update(T, "s", reason="turn")
+        (job,) = await s.jobs.read_jobs("crashed", count=1, block_ms=100)
         await asyncio.sleep(0.06)
-        (again,) = await s.reclaim("rescuer", min_idle_ms=50)
+        (again,) = await s.jobs.reclaim("rescuer", min_idle_ms=50)
         assert (again.stream_id, again.job_id, job.deliveries, again.deliveries) == (job.stream_id, f"{T}:s:2:0", 1, 2)
-        assert await s.queue_depth() == 1
+        assert await s.jobs.queue_depth() == 1
     finally:
         await s.aclose()
 
@@ -409,18 +409,18 @@ async def test_store_unavailable_while_redis_is_down_and_data_survives_restart()
     with RedisServer() as server:
         s = RedisStore.from_url(server.url, prefix="faults", socket_timeout=1.0, retries=1)
         try:
-            await s.ensure_group()
+            await s.jobs.ensure_group()
             await append(s, "s", HELLO)
             await commit(s, "s", await s.claim_snapshot(T, "s"), b"durable")
-            await s.enqueue_update(T, "s", reason="turn", force=True)
+            await s.jobs.enqueue_update(T, "s", reason="turn", force=True)
             server.stop()
             assert await s.ping() is False
             for call in (
                 s.get_session(T, "s"),
                 s.append_turns(T, "s", HELLO),
-                s.read_jobs("w", 1),
+                s.jobs.read_jobs("w", 1),
                 s.get_checkpoint(T, "s", 1),
-                s.enqueue_update(T, "s", reason="turn"),
+                s.jobs.enqueue_update(T, "s", reason="turn"),
             ):
                 with pytest.raises(StoreUnavailable):
                     await call
@@ -430,6 +430,6 @@ async def test_store_unavailable_while_redis_is_down_and_data_survives_restart()
             assert state is not None and (state.turns, state.adapter_version) == (2, 1)
             ckpt = await s.get_checkpoint(T, "s", 1)
             assert ckpt is not None and ckpt.data == b"durable"
-            assert [j.job_id for j in await s.read_jobs("w", 5)] == [f"{T}:s:2:0"]
+            assert [j.job_id for j in await s.jobs.read_jobs("w", 5)] == [f"{T}:s:2:0"]
         finally:
             await s.aclose()

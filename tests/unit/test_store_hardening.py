@@ -41,7 +41,7 @@ async def make_store(redis_srv: RedisServer) -> AsyncIterator:
     async def make(**limits: object) -> RedisStore:
         s = RedisStore.from_url(redis_srv.url, prefix=f"t{uuid.uuid4().hex[:10]}", socket_timeout=2.0,
                                 limits=StoreLimits(**limits))  # type: ignore[arg-type]
-        await s.ensure_group()
+        await s.jobs.ensure_group()
         stores.append(s)
         return s
 
@@ -126,13 +126,13 @@ async def test_a_full_job_queue_refuses_new_jobs_and_never_trims_queued_ones(mak
     state_c = await store.get_session(T, "c")
     assert state_c is not None and (state_c.turns, state_c.job_pending) == (0, False)
     with pytest.raises(QueueFull):
-        await store.enqueue_update(T, "c", reason="teach", force=True)
+        await store.jobs.enqueue_update(T, "c", reason="teach", force=True)
     # a session whose job is already queued needs no room: its turn is stored and coalesced
     again = await store.append_turns(T, "a", HELLO, enqueue="turn")
     assert (again.turns_total, again.queued) == (4, False)
-    jobs = await store.read_jobs("w", count=10)
+    jobs = await store.jobs.read_jobs("w", count=10)
     assert [j.sid for j in jobs] == ["a", "b"]  # nothing queued was trimmed
-    await store.ack(jobs[0])
+    await store.jobs.ack(jobs[0])
     assert (await store.append_turns(T, "c", HELLO, enqueue="turn")).queued  # room again
 
 
@@ -163,7 +163,7 @@ async def test_writes_after_a_delete_do_not_resurrect_the_session(store: RedisSt
         await store.append_turns(T, "s", HELLO, idempotency_key="k", enqueue="turn")
     with pytest.raises(SessionNotFound):
         await store.add_teach_pairs(T, "s", [PAIR])
-    assert await store.enqueue_update(T, "s", reason="flush", force=True) is False
+    assert await store.jobs.enqueue_update(T, "s", reason="flush", force=True) is False
     await store.set_last_error(T, "s", "boom")
     assert await session_keys(store, "s") == []
     assert await store.client.xlen(store.jobs.stream) == 0
@@ -173,7 +173,7 @@ async def test_writes_after_a_delete_do_not_resurrect_the_session(store: RedisSt
 async def test_jobs_carry_the_incarnation_of_their_session(store: RedisStore) -> None:
     await store.ensure_session(T, "s")
     await store.append_turns(T, "s", HELLO, enqueue="turn")
-    (job,) = await store.read_jobs("w", count=5)
+    (job,) = await store.jobs.read_jobs("w", count=5)
     old = await store.session_incarnation(T, "s")
     assert job.incarnation == old and len(old or "") == 32
     await store.delete_session(T, "s")
@@ -188,7 +188,7 @@ async def test_storing_a_turn_queues_its_job_in_the_same_step(store: RedisStore)
     await store.ensure_session(T, "s")
     first = await store.append_turns(T, "s", HELLO, idempotency_key="k1", request_sha256="aa", enqueue="turn")
     assert first == AppendResult(2, 2, duplicate=False, queued=True)
-    (job,) = await store.read_jobs("w", count=5)
+    (job,) = await store.jobs.read_jobs("w", count=5)
     assert (job.job_id, job.reason, job.force) == (f"{T}:s:2:0", "turn", False)
     coalesced = await store.append_turns(T, "s", HELLO, enqueue="turn")
     assert (coalesced.turns_total, coalesced.queued) == (4, False)

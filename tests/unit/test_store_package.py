@@ -61,7 +61,7 @@ async def test_a_session_s_life_writes_exactly_the_keys_of_the_layout(store: Red
     await store.add_teach_pairs(T, "s", [{"instruction": "Who?", "output": "Ann"}])
     assert await store.acquire_session_lock(T, "s", "w1", 60_000)
     await store.put_a0("model@abc", b"A0")
-    assert await store.take_update_budget(T, 5)
+    assert await store.jobs.take_update_budget(T, 5)
     await store.rate_limits.count_request("k1")
     found = {k.decode() async for k in store.client.scan_iter(match=f"{p}:*", count=1000)}
     session = f"{p}:{{{T}:s}}"

@@ -78,7 +78,7 @@ async def pending(store: RedisStore) -> list[dict[str, Any]]:
 async def test_one_failing_session_does_not_fail_its_group(store: RedisStore) -> None:
     await queue(store, "default", "a", "bad", "c")
     worker = make_worker(store, poison={"bad"})
-    jobs = await store.read_jobs("w1", count=10)
+    jobs = await store.jobs.read_jobs("w1", count=10)
     assert await worker.process(jobs) == 3
     for sid in ("a", "c"):
         state = await store.get_session("default", sid)
@@ -87,20 +87,20 @@ async def test_one_failing_session_does_not_fail_its_group(store: RedisStore) ->
     assert bad is not None and bad.adapter_version == 0
     assert bad.last_error is not None and "attempt 1 of 3" in bad.last_error and "exploded" in bad.last_error
     assert [p["message_id"].decode() for p in await pending(store)] == [j.stream_id for j in jobs if j.sid == "bad"]
-    assert await store.queue_depth() == 1  # a's and c's jobs are acked and gone; bad's waits for its retry
+    assert await store.jobs.queue_depth() == 1  # a's and c's jobs are acked and gone; bad's waits for its retry
 
 
 async def test_a_job_that_keeps_failing_is_dead_lettered_after_its_attempts(store: RedisStore) -> None:
     await queue(store, "default", "bad")
     worker = make_worker(store, poison={"bad"}, max_job_attempts=2)
-    (job,) = await store.read_jobs("w1", count=10)
+    (job,) = await store.jobs.read_jobs("w1", count=10)
     await worker.process([job])
     assert len(await pending(store)) == 1  # attempt 1 of 2: left to be reclaimed
-    (again,) = await store.reclaim("w2", min_idle_ms=0)
+    (again,) = await store.jobs.reclaim("w2", min_idle_ms=0)
     assert again.deliveries == 2
     await worker.process([again])
     assert await pending(store) == [] and await store.client.xlen(store.jobs.stream) == 0
-    (dead,) = await store.read_dead_letters()
+    (dead,) = await store.jobs.read_dead_letters()
     assert (dead["job_id"], dead["sid"], dead["deliveries"]) == (job.job_id, "bad", "2")
     assert "exploded on bad" in dead["error"]
     state = await store.get_session("default", "bad")
@@ -111,15 +111,15 @@ async def test_a_job_that_keeps_failing_is_dead_lettered_after_its_attempts(stor
 
 async def test_a_job_whose_workers_kept_dying_is_dead_lettered_untried(store: RedisStore) -> None:
     await queue(store, "default", "crashy")
-    await store.read_jobs("dead-1", count=1)
+    await store.jobs.read_jobs("dead-1", count=1)
     for consumer in ("dead-2", "dead-3"):  # each claimed it and died before acking
-        await store.reclaim(consumer, min_idle_ms=0)
-    (job,) = await store.reclaim("w1", min_idle_ms=0)
+        await store.jobs.reclaim(consumer, min_idle_ms=0)
+    (job,) = await store.jobs.reclaim("w1", min_idle_ms=0)
     assert job.deliveries == 4
     worker = make_worker(store, max_job_attempts=3)
     assert await worker.process([job]) == 0
     assert worker.preparer.prepared == []  # type: ignore[attr-defined]
-    assert [d["sid"] for d in await store.read_dead_letters()] == ["crashy"]
+    assert [d["sid"] for d in await store.jobs.read_dead_letters()] == ["crashy"]
     assert await store.client.xlen(store.jobs.stream) == 0
 
 
@@ -127,10 +127,10 @@ async def test_a_tenant_over_its_update_budget_waits_at_the_back(store: RedisSto
     await queue(store, "greedy", "g1", "g2", "g3")
     await queue(store, "modest", "m1")
     worker = make_worker(store, tenant_updates_per_minute=1)
-    jobs = await store.read_jobs("w1", count=10)
+    jobs = await store.jobs.read_jobs("w1", count=10)
     assert await worker.process(jobs) == 2
     assert worker.preparer.prepared == ["g1", "m1"]  # type: ignore[attr-defined]
-    waiting = await store.read_jobs("w1", count=10)
+    waiting = await store.jobs.read_jobs("w1", count=10)
     assert [(j.tenant, j.sid, j.deliveries) for j in waiting] == [("greedy", "g2", 1), ("greedy", "g3", 1)]
     assert {j.stream_id for j in waiting}.isdisjoint(j.stream_id for j in jobs)  # re-queued at the tail
     assert await worker.process(waiting) == 0  # still over budget this minute: deferred again, untried
@@ -139,7 +139,7 @@ async def test_a_tenant_over_its_update_budget_waits_at_the_back(store: RedisSto
 
 async def test_a_job_of_a_deleted_session_is_dropped_not_run(store: RedisStore) -> None:
     await queue(store, "default", "s")
-    (job,) = await store.read_jobs("w1", count=10)
+    (job,) = await store.jobs.read_jobs("w1", count=10)
     await store.delete_session("default", "s")
     await store.ensure_session("default", "s")  # recreated under the same id before the worker got to it
     worker = make_worker(store)
@@ -151,20 +151,20 @@ async def test_a_job_of_a_deleted_session_is_dropped_not_run(store: RedisStore) 
 
 async def test_a_session_busy_on_another_worker_is_deferred_untried(store: RedisStore) -> None:
     await queue(store, "default", "s")
-    (job,) = await store.read_jobs("w1", count=10)
+    (job,) = await store.jobs.read_jobs("w1", count=10)
     assert await store.acquire_session_lock("default", "s", "other-worker", 10_000)
     worker = make_worker(store)
     assert await worker.process([job]) == 0
-    (later,) = await store.read_jobs("w1", count=10)
+    (later,) = await store.jobs.read_jobs("w1", count=10)
     assert later.stream_id != job.stream_id and (later.job_id, later.deliveries) == (job.job_id, 1)
     assert worker.preparer.prepared == []  # type: ignore[attr-defined]
 
 
 async def test_jobs_in_hand_are_kept_from_looking_idle(store: RedisStore) -> None:
     await queue(store, "default", "s")
-    (job,) = await store.read_jobs("w1", count=10)
+    (job,) = await store.jobs.read_jobs("w1", count=10)
     await asyncio.sleep(0.2)
-    await store.touch("w1", [job])
-    assert await store.reclaim("w2", min_idle_ms=150) == []  # idle time was reset: nobody takes it over
+    await store.jobs.touch("w1", [job])
+    assert await store.jobs.reclaim("w2", min_idle_ms=150) == []  # idle time was reset: nobody takes it over
     (entry,) = await pending(store)
     assert (entry["consumer"], entry["times_delivered"]) == (b"w1", 1)  # and no delivery was counted

@@ -65,7 +65,7 @@ async def wait_for(condition: Any, timeout: float = 10.0) -> None:
 async def drained(store: RedisStore, timeout: float = 10.0) -> None:
     """Until every queued job is done: acked and deleted from the stream."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while await store.queue_depth() > 0:
+    while await store.jobs.queue_depth() > 0:
         assert asyncio.get_running_loop().time() < deadline, "timed out"
         await asyncio.sleep(0.02)
 

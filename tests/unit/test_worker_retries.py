@@ -111,11 +111,11 @@ async def test_a_failure_that_clears_is_retried_and_committed(store: RedisStore)
     assert state is not None
     assert (state.adapter_version, state.absorbed_turns, state.last_error) == (1, 2, None)  # the retry cleared it
     assert preparer.prepared == ["flaky", "flaky"]  # failed once, succeeded on the second delivery
-    assert await store.read_dead_letters() == []
+    assert await store.jobs.read_dead_letters() == []
 
 
 async def _done(store: RedisStore) -> bool:
-    return await store.queue_depth() == 0
+    return await store.jobs.queue_depth() == 0
 
 
 async def test_a_poison_job_is_dead_lettered_after_its_attempts_while_other_sessions_update(store: RedisStore) -> None:
@@ -127,7 +127,7 @@ async def test_a_poison_job_is_dead_lettered_after_its_attempts_while_other_sess
         await queue(store, T, "good-2")  # queued while bad's job is still being retried
         await wait_for(lambda: _done(store))
         assert await versions(store, "bad", "good-1", "good-2") == {"bad": 0, "good-1": 1, "good-2": 1}
-        (dead,) = await store.read_dead_letters()
+        (dead,) = await store.jobs.read_dead_letters()
         assert (dead["sid"], dead["deliveries"]) == ("bad", "3")
         assert preparer.deliveries["bad"] == {1, 2, 3}  # tried on each of its max_job_attempts deliveries
         bad = await store.get_session(T, "bad")
@@ -153,7 +153,7 @@ async def test_an_update_with_nothing_to_commit_is_recorded_once_and_not_retried
     runtime = RejectingRuntime({"nan"})
     worker = UpdateWorker(store, runtime, None, Settings(max_job_attempts=3), name="w1")  # type: ignore[arg-type]
     worker.preparer = MarkingPreparer(store, rejected={"nan"}, empty={"empty"})  # type: ignore[assignment]
-    jobs = await store.read_jobs("w1", count=10)
+    jobs = await store.jobs.read_jobs("w1", count=10)
     assert await worker.process(jobs) == 2
     assert runtime.passes == [1 if sid == "empty" else 2]  # one batched pass; a session with no pairs is not in it
     state = await store.get_session(T, sid)
@@ -161,4 +161,4 @@ async def test_an_update_with_nothing_to_commit_is_recorded_once_and_not_retried
     # The turns are absorbed (training on them again would fail again), the version stays, the reason is shown.
     assert (state.adapter_version, state.absorbed_turns, state.last_error) == (0, 2, error)
     assert await versions(store, "fine") == {"fine": 1}
-    assert await store.queue_depth() == 0 and await store.read_dead_letters() == []  # acked: no retry
+    assert await store.jobs.queue_depth() == 0 and await store.jobs.read_dead_letters() == []  # acked: no retry
