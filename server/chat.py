@@ -96,7 +96,7 @@ class ChatService:
         dialogue = [m for m in sent if m["role"] != "system"]
         if not dialogue:
             raise InvalidRequest("messages must contain at least one user or assistant message", param="messages")
-        version, summary, history = 0, "", SessionHistory()
+        version, summary, history, whole = 0, "", SessionHistory(), None
         if ctx.session_id is not None:
             state = await self.sessions.open(ctx.tenant, ctx.session_id)
             version = state.adapter_version if ctx.use_adapter else 0
@@ -105,7 +105,9 @@ class ChatService:
                 start = state.absorbed_turns if self.settings.update_policy == "context-budget" else 0
                 history = self.sessions.history(ctx.tenant, ctx.session_id,
                                                 max(start, state.turns - _HISTORY_TURNS), state.turns)
-        new_messages = await counted(self.engine.tokenizer, await _new_messages(history, dialogue))
+            whole = history if history.start == 0 and history.size == state.turns else (
+                self.sessions.history(ctx.tenant, ctx.session_id, 0, state.turns))
+        new_messages = await counted(self.engine.tokenizer, await _new_messages(whole, dialogue))
         prompt_ids = await self._fit(session_system(self.engine.tokenizer, system, summary), history, new_messages)
         params = req.to_sampling_params(self.settings.default_max_tokens, self.engine.max_model_len, len(prompt_ids))
         return Prepared(prompt_ids, params, version, new_messages, model)
@@ -235,14 +237,15 @@ class ChatService:
             await self.limiter.add_tokens(ctx.tenant, prompt + completion)
 
 
-async def _new_messages(history: SessionHistory, dialogue: list[Message]) -> list[StoredMessage]:
-    """What the request adds to the stored history (see new_suffix).
+async def _new_messages(whole: SessionHistory | None, dialogue: list[Message]) -> list[StoredMessage]:
+    """What the request adds to the stored history (see new_suffix); `whole` is all of it, from message 0.
 
-    Only a request sending more messages than the window holds can be a resent conversation; only then
-    is the whole window read to compare, a cost as large as the request's own.
+    Only a request sending more messages than the session has stored can be a resent conversation; only
+    then is the stored history read to compare, a cost as large as the request's own. It is compared from
+    its first message, whatever the prompt's window (an update may have absorbed the older turns).
     """
-    if 0 < history.size < len(dialogue):
-        return list(new_suffix(await history.all(), dialogue))
+    if whole is not None and 0 < whole.size < len(dialogue):
+        return list(new_suffix(await whole.all(), dialogue))
     return list(dialogue)
 
 

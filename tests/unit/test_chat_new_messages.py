@@ -72,9 +72,6 @@ async def test_a_resent_conversation_with_an_edited_message_is_stored_as_new(sto
     assert await stored(store, sid) == [user("My name is Ana."), assistant(REPLY), *edited, assistant(REPLY)]
 
 
-@pytest.mark.xfail(strict=True, reason="under context-budget the history compared with a resent conversation "
-                   "starts at the absorbed turns, not at the conversation's start: every resent message is "
-                   "stored again (ChatService.prepare reads turns [absorbed_turns, turns); new_suffix wants a prefix)")
 async def test_a_resent_conversation_after_an_update_absorbed_its_start_adds_only_the_new_message(
         store: RedisStore) -> None:
     chat, sid = services(store, update_policy="context-budget", context_tokens=4096).chat, f"s-{uuid.uuid4().hex[:10]}"
