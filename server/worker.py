@@ -82,7 +82,10 @@ class UpdateWorker:
         group = self.settings.update_group_size
         try:
             jobs = await self.store.jobs.reclaim(self.name, self.settings.job_reclaim_idle_ms, count=group)
-            jobs += await self.store.jobs.read_jobs(self.name, count=max(1, group - len(jobs)), block_ms=500)
+            # Reclaimed jobs in hand: take only what is already queued, without waiting, so their idle
+            # time cannot pass job_reclaim_idle_ms before they are touched (and be reclaimed again).
+            wait_ms = 0 if jobs else 500
+            jobs += await self.store.jobs.read_jobs(self.name, count=max(1, group - len(jobs)), block_ms=wait_ms)
             METRICS.queue_depth.set(await self.store.jobs.queue_depth())
             return jobs
         except StoreUnavailable as exc:
