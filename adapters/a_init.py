@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
 from tmem.adapters.spec import FastWeightSpec
 from tmem.adapters.targets import Target
-from torch import Tensor, nn
 
 AInitFn = Callable[[Tensor, int, torch.Generator], Tensor]
 

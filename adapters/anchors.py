@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from tmem.adapters.supervision import ContextPair, padding_id, render_chat_ids
 
 ANCHOR_PROMPTS: tuple[str, ...] = (

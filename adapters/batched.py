@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from tmem.adapters.fast_weights import FastWeightModel, SessionB
 from tmem.adapters.prefix import DecoderStack, PrefixCache
 from tmem.adapters.supervision import IGNORE_INDEX, Example, Supervision, collate, encode_pairs, padding_id, right_pad
@@ -53,7 +55,6 @@ from tmem.adapters.trainer import (
     reached_target,
     trainable_b,
 )
-from torch import Tensor
 
 DEFAULT_MAX_GROUP_SIZE = 16
 # Documented equivalence with OnlineTrainer.update in float32 (what the unit tests assert).

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from tmem.adapters.a_init import load_or_compute_a0
 from tmem.adapters.spec import FastWeightSpec
 from tmem.adapters.targets import Target, adapted_layers, find_targets
-from torch import Tensor, nn
 
 SessionB = dict[str, Tensor]
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from tmem.adapters.spec import FastWeightSpec
 from torch import Tensor
+
+from tmem.adapters.spec import FastWeightSpec
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
+
 from tmem.adapters.fast_weights import FastWeightModel
 from tmem.adapters.supervision import Example, collate
 from tmem.adapters.targets import decoder_layers
-from torch import Tensor
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 # Rows per no-grad prefix pass: bounds peak memory, large enough to keep the GEMMs efficient.

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tmem.adapters.spec import FastWeightSpec
 from torch import nn
+
+from tmem.adapters.spec import FastWeightSpec
 
 
 @dataclass(frozen=True)

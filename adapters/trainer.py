@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from tmem.adapters.fast_weights import FastWeightModel, SessionB
 from tmem.adapters.spec import TrainerConfig
 from tmem.adapters.supervision import IGNORE_INDEX, Example, Supervision, collate, encode_pairs, padding_id
-from torch import Tensor
 
 
 @dataclass

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
+
 from tmem.adapters.batched import BatchedTrainer, UpdateItem
 from tmem.adapters.fast_weights import FastWeightModel
 from tmem.adapters.supervision import Example, encode_pairs
@@ -42,7 +44,6 @@ from tmem.bench.update_bench import (
     spec_for,
     time_routes,
 )
-from tqdm import tqdm
 
 SESSIONS, PAIRS_PER_SESSION, GROUP_SIZES = 16, 8, (1, 4, 16)
 FULL_SESSION_MODELS = (ModelSize("tiny", 4, 256), ModelSize("deep", 16, 256))

@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tqdm import tqdm
+
 from tmem.bench import loadtest_report as report
 from tmem.bench.loadtest_report import LoadConfig, RequestRecord, RunResult, Target, build_plan, load_conversations
-from tqdm import tqdm
 
 VERSION_HEADER = "X-TMEM-Adapter-Version"
 Message = dict[str, str]

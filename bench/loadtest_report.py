@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from tmem.bench.harness import pyplot, save_figure
 
 REPORT_FILE = "report.json"

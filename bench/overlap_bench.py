@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from tmem.bench.harness import bench_parser, pyplot, save_figure
 from tmem.bench.loadtest import send_turn
 from tmem.bench.loadtest_report import RequestRecord, quantiles

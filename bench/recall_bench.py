@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from tmem.bench.harness import bench_parser, pyplot, save_figure
 from tmem.bench.processes import HttpServer, tmem_command
 from tmem.bench.recall_data import FACTS, GENERAL_PROMPTS, HELD_OUT_TEXT, first_words, recalled

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from tmem.bench import loadtest_report as report
 from tmem.bench.harness import bench_parser, pyplot, save_figure
 from tmem.bench.loadtest import run_target, send_turn

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from tmem.bench import loadtest
 from tmem.bench import loadtest_report as report
 from tmem.bench.harness import pyplot, save_figure

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from tmem.adapters.supervision import ContextPair, render_chat_ids
 from tmem.adapters.trainer import TrainerConfig
 from tmem.bench.harness import bench_parser, pyplot, save_figure
@@ -43,11 +44,12 @@ class Lab:
     """The frozen model, its fast weights and the base model's answers, loaded once."""
 
     def __init__(self, model_dir: Path, cache: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         from tmem.adapters.a_init import model_identity
         from tmem.adapters.anchors import load_or_make_anchors
         from tmem.adapters.fast_weights import FastWeightModel
         from tmem.adapters.spec import FastWeightSpec
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
         self.model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
+
 from tmem.adapters.fast_weights import FastWeightModel
 from tmem.adapters.spec import AInit, FastWeightSpec
 from tmem.adapters.supervision import Example, collate, encode_pairs, padding_id
 from tmem.adapters.tiny_model import build_tiny_model
 from tmem.adapters.trainer import OnlineTrainer, TrainerConfig, epoch_schedule, make_optimizer
 from tmem.bench.harness import bench_parser, pyplot, save_figure
-from tqdm import tqdm
 
 PAPER_LAST_LAYERS = 4
 PLOT_FILE = "update_bench.png"

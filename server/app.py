@@ -11,6 +11,8 @@ from typing import Any
 
 from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
+
+from tmem import __version__
 from tmem.server.asgi import HttpMiddleware
 from tmem.server.auth import KeyRing, RateLimiter, StartupRefused, refuse_open_exposure
 from tmem.server.chat import ChatService
@@ -30,8 +32,6 @@ from tmem.server.store import RedisStore, StoreFull, StoreLimits, StoreUnavailab
 from tmem.server.store.refusals import register_store_errors
 from tmem.server.trainer_runtime import TrainerRuntime
 from tmem.server.worker import UpdateWorker
-
-from tmem import __version__
 
 log = logging.getLogger(__name__)
 

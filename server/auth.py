@@ -14,6 +14,7 @@ from pathlib import Path
 
 import anyio
 from fastapi.exceptions import RequestValidationError
+
 from tmem.server.errors import Forbidden, RateLimited, TMEMHTTPError, Unauthorized
 from tmem.server.limits import is_loopback
 from tmem.server.settings import Settings, check_api_key

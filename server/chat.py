@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
+
 from tmem.server.auth import RateLimiter
 from tmem.server.engine import Engine
 from tmem.server.errors import InvalidRequest, ModelNotFound, ServiceUnavailable

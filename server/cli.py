@@ -24,6 +24,7 @@ SERVER_MISSING = "the tmem server is not installed: pip install 'tmem[cpu]' (or 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
+
     from tmem.server.app import create_app
     from tmem.server.auth import StartupRefused
     from tmem.server.flags import settings_from_args

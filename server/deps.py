@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Path, Request
+
 from tmem.server.auth import Caller, KeyRing, RateLimiter, service_may
 from tmem.server.chat import ChatService, TurnContext
 from tmem.server.errors import Forbidden, InvalidRequest, ServiceUnavailable

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
+
 from tmem.server.asgi import HttpMiddleware
 
 logger = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import load as load_tensors
+
 from tmem.adapters.checkpoint import CheckpointError
 from tmem.adapters.peft_io import write_peft_dir
 from tmem.server.engine import lora_request

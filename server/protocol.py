@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
 from tmem.server.errors import UNSUPPORTED_PARAMETER, UNSUPPORTED_VALUE, ContextLengthExceeded, InvalidRequest
 
 if TYPE_CHECKING:

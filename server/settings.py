@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
 from tmem.adapters.memory_prompts import ExtractionFormat
 from tmem.adapters.spec import TRAINER_PRESETS, FastWeightSpec, TrainerConfig, TrainerPresetName
 

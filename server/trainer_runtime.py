@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+
 from tmem.adapters.a_init import model_identity
 from tmem.adapters.anchors import load_or_make_anchors
 from tmem.adapters.batched import BatchedTrainer

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
+
 from tmem.adapters.checkpoint import Checkpoint, CheckpointError
 from tmem.adapters.extraction import QAPair, parse_pairs, parse_summary
 from tmem.adapters.grounding import filter_pairs, pair_key

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from tmem.server.flags import add_settings_flags, settings_from_args
 from tmem.server.settings import WORKER_FIELDS, Settings, check_api_key
 
@@ -64,6 +65,7 @@ async def run_worker(settings: Settings, api_url: str, api_key: str | None, metr
         raise SystemExit("tmem worker needs --redis-url (the Redis the API replicas use)")
     if metrics_port:
         from prometheus_client import start_http_server
+
         from tmem.server.metrics import METRICS
 
         # Update lag, losses and queue depth live in this process: Prometheus scrapes it here.

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import torch
+
 from tmem.server.store import RedisStore
 
 TENANT = "default"

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tqdm import tqdm
+
 from tmem.bench.eval.datasets import Conversation, Question
 from tmem.bench.eval.report import ANSWERS_FILE, AnswerLog, pending_questions, score_table, selection_keys
 from tmem.bench.eval.scoring import (
@@ -40,7 +42,6 @@ from tmem.bench.eval.scoring import (
     token_f1,
 )
 from tmem.client import BadRequestError, ServiceUnavailableError, Session, TMEMClient, TMEMError
-from tqdm import tqdm
 
 Message = dict[str, str]
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+
 from tmem.server.deps import ServicesDep, TurnDep
 from tmem.server.errors import ERROR_RESPONSES, error_chunk
 from tmem.server.protocol import SSE_DONE, ChatCompletionChunk, ChatCompletionRequest, sse_event

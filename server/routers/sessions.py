@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header
 from fastapi.responses import Response
+
 from tmem.server.deps import SessionIdDep, SessionServiceDep, TenantDep
 from tmem.server.errors import ERROR_RESPONSES
 from tmem.server.protocol import (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Depends, Response
+
 from tmem.server.deps import ServicesDep, get_tenant
 from tmem.server.errors import ERROR_RESPONSES
 from tmem.server.metrics import METRICS

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pydantic import ValidationError
+
 from tmem.adapters.spec import FastWeightSpec
 from tmem.server.store.replies import as_bytes, as_str
 

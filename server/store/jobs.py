@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-import tmem.server.store.scripts as lua
 from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
+
+import tmem.server.store.scripts as lua
 from tmem.server.store.errors import QueueFull, faults_as_unavailable
 from tmem.server.store.keys import KeyLayout
 from tmem.server.store.limits import StoreLimits

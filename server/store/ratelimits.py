@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+
 import tmem.server.store.scripts as lua
 from tmem.server.store.errors import faults_as_unavailable
 from tmem.server.store.keys import KeyLayout

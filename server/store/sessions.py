@@ -18,13 +18,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-import tmem.server.store.errors as refused
-import tmem.server.store.scripts as lua
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
+
+import tmem.server.store.errors as refused
+import tmem.server.store.scripts as lua
 from tmem.server.store.checkpoints import StoredCheckpoint
 from tmem.server.store.errors import faults_as_unavailable
 from tmem.server.store.jobs import JobQueue

@@ -13,11 +13,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from torch import Tensor
+
 from tmem.adapters.checkpoint import CheckpointError, decode_b, read_metadata
 from tmem.server.metrics import METRICS
 from tmem.server.store.checkpoints import CheckpointHeader, StoredCheckpoint
 from tmem.server.store.sessions import RedisStore
-from torch import Tensor
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

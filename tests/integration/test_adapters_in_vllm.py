@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import download_adapter, greedy, teach_and_flush, write_version
 from safetensors.torch import load_file
+
 from tmem.server.settings import Settings
 
 pytestmark = pytest.mark.engine

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from helpers import session_info
+
 from tmem.server.store import RedisStore
 
 pytestmark = pytest.mark.engine

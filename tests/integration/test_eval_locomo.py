@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from helpers import greedy, teach_and_flush
+
 from tmem.bench.eval.datasets import load_locomo
 from tmem.server.cli import main as tmem_main
 

@@ -15,6 +15,7 @@ import redis
 from helpers import greedy, session_info, write_version
 from redis_fixture import RedisServer
 from server_proc import ServerProcess, WorkerProcess
+
 from tmem.server.settings import Settings
 from tmem.server.store import RedisStore
 

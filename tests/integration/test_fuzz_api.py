@@ -50,6 +50,7 @@ from schemathesis import Case, CheckContext, GenerationMode, Response
 from schemathesis.checks import CheckFunction
 from schemathesis.core import NOT_SET
 from server_proc import TEST_ENGINE_FLAGS, ServerProcess
+
 from tmem.server.deps import SESSION_ID_RE
 
 pytestmark = pytest.mark.engine

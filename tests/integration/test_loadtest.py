@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from tmem.bench import loadtest
 from tmem.server.redis_proc import free_port
 

@@ -17,6 +17,7 @@ import torch
 from helpers import session_info
 from redis_fixture import RedisServer
 from server_proc import REAL_MODEL_FLAGS, ServerProcess
+
 from tmem.adapters.demo_model import DemoModelError, build_demo_model, fetch_wheel, is_built
 from tmem.adapters.grounding import grounded
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from tmem.server.auth import OPEN_CALLER, OPEN_TENANT, KeyRing, StartupRefused, refuse_open_exposure, service_may
 from tmem.server.errors import Forbidden, Unauthorized
 from tmem.server.settings import Settings

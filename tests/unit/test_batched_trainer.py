@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from test_fast_weights import Pair, random_b  # the same pair type and random B as the fast-weight tests
+from transformers import AutoModelForCausalLM
+
 from tmem.adapters.batched import BatchedTrainer, UpdateItem, b_tolerance, update_many
 from tmem.adapters.fast_weights import FastWeightModel, SessionB
 from tmem.adapters.prefix import PrefixCache
@@ -15,7 +17,6 @@ from tmem.adapters.spec import FastWeightSpec
 from tmem.adapters.supervision import encode_pairs
 from tmem.adapters.tiny_model import build_tiny_model
 from tmem.adapters.trainer import OnlineTrainer, TrainerConfig, UpdateResult, answer_loss
-from transformers import AutoModelForCausalLM
 
 SPEC = FastWeightSpec(last_layers=2)  # blocks 2 and 3 of 4: blocks 0-1 are the reusable prefix
 # Per-token loss equality: the same float32 math summed in a different order.

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from fakes import FakeEngine, FakeTokenizer, services
 from test_prompting import conversation, fit_turns_before
+
 from tmem.server.chat import ChatService, TurnContext
 from tmem.server.prompting import new_suffix, session_system
 from tmem.server.protocol import ChatCompletionRequest

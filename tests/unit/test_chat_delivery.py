@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from fakes import FakeEngine, services
+
 from tmem.server.app import create_app
 from tmem.server.chat import ChatService, TurnContext
 from tmem.server.metrics import METRICS

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 from fakes import services
+
 from tmem.server.chat import ChatService, TurnContext
 from tmem.server.protocol import ChatCompletionRequest
 from tmem.server.store import RedisStore

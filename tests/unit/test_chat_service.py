@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from fakes import FakeEngine, LeaseLog, services
+
 from tmem.server.chat import ChatService, TurnContext
 from tmem.server.errors import NotFound
 from tmem.server.protocol import ChatCompletionRequest

@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 
 import httpx
 import pytest
+
+from tmem import client
 from tmem.client import (
     APIConnectionError,
     APIResponseValidationError,
@@ -26,8 +28,6 @@ from tmem.client import (
     TMEMClient,
 )
 from tmem.client._streaming import SSEDecoder
-
-from tmem import client
 
 Handler = Callable[[httpx.Request], httpx.Response]
 COMPLETION = {"id": "c1", "model": "m", "choices": [{"message": {"role": "assistant", "content": "hello"}}]}

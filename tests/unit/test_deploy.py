@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from tmem.server.metrics import METRICS
 from tmem.server.settings import Settings
 

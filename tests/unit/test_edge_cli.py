@@ -6,6 +6,7 @@ import os
 
 import pytest
 from pydantic import ValidationError
+
 from tmem.server.cli import build_parser, main
 from tmem.server.flags import settings_from_args
 

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from redis_fixture import RedisServer
+
 from tmem.server.app import create_app
 from tmem.server.auth import KeyRing, StartupRefused
 from tmem.server.deps import Auth, Services

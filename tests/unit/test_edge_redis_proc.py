@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
+
 from tmem.server.redis_proc import DEFAULT_DATA_DIR, PrivateRedis
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tmem.server.engine import serving_dtype
 
 

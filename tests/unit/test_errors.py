@@ -11,6 +11,7 @@ import pytest
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
+
 from tmem.server.errors import (
     REQUEST_ID_HEADER,
     ContextLengthExceeded,

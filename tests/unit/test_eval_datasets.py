@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tmem.bench.eval.datasets import Conversation, load_locomo, load_longmemeval
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from tmem.bench.eval.datasets import load_locomo
 from tmem.bench.eval.report import build_results, score_table
 from tmem.bench.eval.rescore import main as rescore_main

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from tmem.bench.eval.datasets import Conversation, HistorySession, Question, Turn
 from tmem.bench.eval.report import (
     AnswerLog,

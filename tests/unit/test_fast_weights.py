@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
 from tmem.adapters.a_init import compute_a0, load_or_compute_a0
 from tmem.adapters.checkpoint import CheckpointError, decode_b, encode_b, read_metadata
 from tmem.adapters.fast_weights import FastWeightModel
@@ -15,7 +17,6 @@ from tmem.adapters.spec import FastWeightSpec
 from tmem.adapters.supervision import render_chat_ids
 from tmem.adapters.tiny_model import build_tiny_model
 from tmem.adapters.trainer import OnlineTrainer, TrainerConfig
-from transformers import AutoModelForCausalLM
 
 # fp32 forward of the same math in a different order (hook vs PEFT's LoRA layer).
 LOGIT_ATOL = 1e-4

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import pytest
+
 from tmem.server.errors import InvalidRequest, RateLimited, ServiceUnavailable
 from tmem.server.lifecycle import SessionLifecycle
 from tmem.server.sessions import SessionService

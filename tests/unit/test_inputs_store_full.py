@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.exceptions import OutOfMemoryError
+
 from tmem.server.app import create_app
 from tmem.server.errors import to_http_error
 from tmem.server.metrics import METRICS

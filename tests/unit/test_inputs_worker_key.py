@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from tmem.server.auth import KeyRing
 from tmem.server.cli import build_parser
 from tmem.server.flags import settings_from_args as cli_settings

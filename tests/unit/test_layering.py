@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from tmem.server.settings import WORKER_FIELDS, Settings
 
 ROOT = Path(__file__).resolve().parents[2]

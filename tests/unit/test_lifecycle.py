@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from fakes import FakeTokenizer, LeaseLog
+
 from tmem.server.errors import Forbidden, NotFound
 from tmem.server.lifecycle import SessionLifecycle
 from tmem.server.settings import Settings

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from tmem.adapters.extraction import QAPair
 from tmem.adapters.grounding import filter_pairs, grounded
 from tmem.adapters.memory_prompts import (
@@ -30,8 +31,9 @@ from tmem.server.update_prep import chunk_turns, pairs_summary
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from tmem.adapters.tiny_model import build_tiny_model
     from transformers import AutoTokenizer
+
+    from tmem.adapters.tiny_model import build_tiny_model
 
     path = build_tiny_model(Path(tmp_path_factory.mktemp("tiny")) / "m", layers=2, hidden=128, seed=0)
     return AutoTokenizer.from_pretrained(path)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tmem.bench.overlap_bench import (
     N_VALUES,
     PLOT_FILE,

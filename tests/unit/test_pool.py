@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tmem.server.pool as pool_module
 from fakes import FakeEngine
+
+import tmem.server.pool as pool_module
 from tmem.adapters.spec import FastWeightSpec
 from tmem.server.metrics import METRICS
 from tmem.server.pool import AdapterPool, VersionTensors

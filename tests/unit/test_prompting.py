@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from fakes import FakeTokenizer
+
 from tmem.server.prompting import (
     TailFit,
     fit_turns,

@@ -9,6 +9,8 @@ import openai.types.chat as oai
 import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from vllm.sampling_params import SamplingType
+
 from tmem.adapters.memory_prompts import ExtractionFormat
 from tmem.server.errors import ContextLengthExceeded, TMEMHTTPError, to_http_error
 from tmem.server.protocol import (
@@ -28,7 +30,6 @@ from tmem.server.protocol import (
     TeachRequest,
     sse_event,
 )
-from vllm.sampling_params import SamplingType
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -342,6 +343,7 @@ def test_session_requests_accept_good_bodies() -> None:
 
 def test_min_tokens_reaches_the_engine_and_may_not_exceed_max_tokens() -> None:
     from pydantic import ValidationError
+
     from tmem.server.protocol import ChatCompletionRequest
 
     req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=20, min_tokens=10)
@@ -352,6 +354,7 @@ def test_min_tokens_reaches_the_engine_and_may_not_exceed_max_tokens() -> None:
 
 def test_empty_stop_string_is_a_400_not_an_engine_error() -> None:
     from pydantic import ValidationError
+
     from tmem.server.protocol import ChatCompletionRequest
 
     with pytest.raises(ValidationError, match="empty"):

@@ -13,6 +13,7 @@ import string
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+
 from tmem.server.deps import validate_session_id
 from tmem.server.errors import InvalidRequest
 from tmem.server.pool import _dir_name

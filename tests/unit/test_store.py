@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from redis_fixture import RedisServer
+
 from tmem.server.store import (
     AppendResult,
     CommitResult,

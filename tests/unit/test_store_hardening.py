@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis_fixture import RedisServer
 from test_store import HELLO, PAIR, T  # the same session material as the store tests
+
 from tmem.server.errors import to_http_error
 from tmem.server.store import (
     A0Corrupt,

@@ -11,9 +11,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import tmem.server.pool as pool_module
 import torch
 from safetensors.torch import save as save_tensors
+
+import tmem.server.pool as pool_module
 from tmem.adapters.checkpoint import CheckpointError, encode_b, read_metadata
 from tmem.adapters.spec import FastWeightSpec
 from tmem.server.metrics import METRICS

@@ -9,8 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tmem.adapters.tiny_model import CHAT_TEMPLATE, build_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from tmem.adapters.tiny_model import CHAT_TEMPLATE, build_tiny_model
 
 SMALL = {"layers": 2, "hidden": 128, "vocab_size": 1024}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tmem.bench.update_bench import PAIRS, PLOT_FILE, main, steps_to_threshold
 
 HEADLINE_KEYS = {

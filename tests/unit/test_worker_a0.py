@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from tmem.adapters.fast_weights import FastWeightModel
 from tmem.adapters.spec import FastWeightSpec
 from tmem.adapters.tiny_model import build_tiny_model
@@ -18,7 +20,6 @@ from tmem.server.settings import Settings
 from tmem.server.store import A0Corrupt, RedisStore
 from tmem.server.trainer_runtime import TrainerRuntime
 from tmem.server.worker import UpdateWorker
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from tmem.adapters.checkpoint import Checkpoint
 from tmem.adapters.trainer import UpdateResult
 from tmem.server.settings import Settings

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from test_worker_isolation import FakePreparer, FakeRuntime, queue
+
 from tmem.adapters.trainer import UpdateResult
 from tmem.server.settings import Settings
 from tmem.server.store import Job, RedisStore

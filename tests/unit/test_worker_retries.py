@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from test_worker_isolation import HELLO, FakePreparer, FakeRuntime, make_worker, queue
+
 from tmem.adapters.trainer import UpdateResult
 from tmem.server.settings import Settings
 from tmem.server.store import Job, RedisStore

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from fakes import FakeTokenizer
+
 from tmem.server.prompting import MEMORY_HEADER, fit_turns, new_suffix, render_ids, system_text
 
 Message = dict[str, Any]
