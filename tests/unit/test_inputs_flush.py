@@ -37,6 +37,11 @@ class PendingStore:
     def absorb(self) -> None:
         self.absorbed = True
 
+    @property
+    def jobs(self) -> PendingStore:
+        """The job queue half of the store (RedisStore.jobs): here the same fake."""
+        return self
+
 
 def service(store: PendingStore, **settings: Any) -> SessionService:
     config = Settings(_env_file=None, **settings)
