@@ -24,10 +24,11 @@ def test_base_install_is_the_client_alone(tmp_path: Path, server) -> None:
     assert not [pkg for pkg in HEAVY if f"\n{pkg}==" in f"\n{installed}"]
     script = (
         "import sys\n"
-        "from client import TMEMClient\n"
+        "from tmem.client import TMEMClient\n"
         f"with TMEMClient({server.url!r}) as tmem:\n"
         "    assert tmem.health().status == 'ok'\n"
-        "    print(tmem.chat('hello', max_tokens=4).text is not None)\n"
+        "    reply = tmem.chat('hello', max_tokens=4)\n"
+        "    print(reply.usage.completion_tokens <= 4 and reply.choices[0].finish_reason in ('stop', 'length'))\n"
         f"assert not [m for m in {HEAVY!r} if m in sys.modules]\n"
     )
     out = subprocess.run([str(python), "-c", script], check=True, capture_output=True, text=True,
