@@ -1,8 +1,9 @@
-"""Pydantic models of the HTTP API: OpenAI's chat completion protocol and TMEM's session API.
+"""Pydantic models of the OpenAI-compatible HTTP API: chat completions, models, and the request base.
 
 Request models mirror OpenAI's field names, reject what they do not support with a 400 that names
 the field (``extra="forbid"`` plus explicit validators), and own the translation to engine
-parameters (:meth:`ChatCompletionRequest.to_sampling_params`), as vLLM's entrypoints do.
+parameters (:meth:`ChatCompletionRequest.to_sampling_params`), as vLLM's entrypoints do. The session
+API's models are in :mod:`tmem.server.session_protocol`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ _NOT_SUPPORTED = "'{field}' is not supported by this server."
 _ONLY_VALUE = "Only {field}={value} is supported by this server."
 
 
-class _RequestModel(BaseModel):
+class RequestModel(BaseModel):
     """Base of request bodies: unknown fields are a 400, and ``null`` means "not given"."""
 
     model_config = ConfigDict(extra="forbid")
@@ -60,7 +61,7 @@ class _RequestModel(BaseModel):
 # --- chat requests ---------------------------------------------------------------------------
 
 
-class ChatMessage(_RequestModel):
+class ChatMessage(RequestModel):
     """One message of a conversation; ``developer`` is read as ``system`` and text parts are joined."""
 
     role: Literal["system", "user", "assistant"]
@@ -105,13 +106,13 @@ class ChatMessage(_RequestModel):
         return "\n".join(texts)
 
 
-class StreamOptions(_RequestModel):
+class StreamOptions(RequestModel):
     """Options of a streamed response."""
 
     include_usage: bool = False
 
 
-class JsonSchemaSpec(_RequestModel):
+class JsonSchemaSpec(RequestModel):
     """The ``json_schema`` member of ``response_format``; OpenAI calls the schema ``schema``."""
 
     name: str = "response"
@@ -145,7 +146,7 @@ def _json_depth(value: Any) -> int:
     return deepest
 
 
-class ResponseFormat(_RequestModel):
+class ResponseFormat(RequestModel):
     """Constrain the reply to free text, any JSON object, or one JSON schema."""
 
     type: Literal["text", "json_object", "json_schema"]
@@ -158,7 +159,7 @@ class ResponseFormat(_RequestModel):
         return self
 
 
-class ChatCompletionRequest(_RequestModel):
+class ChatCompletionRequest(RequestModel):
     """Body of ``POST /v1/chat/completions``."""
 
     model: str | None = None  # None: the server's default model
@@ -394,94 +395,6 @@ class ModelList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-# --- TMEM session API ------------------------------------------------------------------------
-
-
-class SessionMessagesRequest(_RequestModel):
-    """Messages to add to a session's history (and learn from) without generating a reply."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-
-
-# A taught pair is one fact: a question and its answer, each a sentence or a short paragraph at most.
-MAX_TEACH_INSTRUCTION_CHARS = 1000
-MAX_TEACH_OUTPUT_CHARS = 2000
-
-
-class QAPairIn(_RequestModel):
-    """A question-answer pair to teach a session directly."""
-
-    instruction: str = Field(max_length=MAX_TEACH_INSTRUCTION_CHARS)
-    output: str = Field(max_length=MAX_TEACH_OUTPUT_CHARS)
-
-    @field_validator("instruction", "output")
-    @classmethod
-    def _not_blank(cls, text: str) -> str:
-        if not text.strip():
-            raise ValueError("must not be empty")
-        return text
-
-
-class TeachRequest(_RequestModel):
-    """Pairs to train into a session's adapter."""
-
-    pairs: list[QAPairIn] = Field(min_length=1)
-
-
-class FlushRequest(_RequestModel):
-    """Wait until a session's pending updates are live; ``timeout`` in seconds, server default if unset."""
-
-    timeout: float | None = Field(None, gt=0, le=600)
-
-
-class SessionInfo(BaseModel):
-    """State of one session."""
-
-    id: str
-    object: Literal["session"] = "session"
-    adapter_version: int
-    turns: int
-    summary: str
-    pending_updates: int
-    created_at: int
-    # Why the last update was rejected (e.g. a NaN loss); cleared by the next committed update.
-    last_error: str | None = None
-    # What the last committed update did: chunks, pairs extracted and kept, raw-text fallback, summary.
-    last_update: dict[str, Any] | None = None
-
-
-class Memory(BaseModel):
-    """One pair a session learned from, and the adapter version it went into."""
-
-    instruction: str
-    output: str
-    source: Literal["taught", "extracted"]
-    version: int
-
-
-class MemoryList(BaseModel):
-    """The pairs a session learned from, oldest first; a newer answer to the same question replaces an older one."""
-
-    object: Literal["list"] = "list"
-    data: list[Memory]
-
-
-class FlushResponse(BaseModel):
-    """Answer of a flush: the adapter version now live."""
-
-    id: str
-    object: Literal["session.flush"] = "session.flush"
-    adapter_version: int
-
-
-class DeleteResponse(BaseModel):
-    """Answer of a session delete."""
-
-    id: str
-    object: Literal["session.deleted"] = "session.deleted"
-    deleted: bool = True
 
 
 def sse_event(payload: BaseModel | dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from tmem.server.errors import InvalidRequest, NotFound, RateLimited, ServiceUna
 from tmem.server.lifecycle import SessionLifecycle
 from tmem.server.limits import check_messages
 from tmem.server.pool import AdapterPool
-from tmem.server.protocol import Memory, SessionInfo
+from tmem.server.session_protocol import Memory, SessionInfo
 from tmem.server.settings import Settings
 from tmem.server.store import RedisStore, SessionState, request_fingerprint
 

@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from tmem.server.deps import SessionIdDep, SessionServiceDep, TenantDep
 from tmem.server.errors import ERROR_RESPONSES
-from tmem.server.protocol import (
+from tmem.server.session_protocol import (
     DeleteResponse,
     FlushRequest,
     FlushResponse,

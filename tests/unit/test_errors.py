@@ -27,7 +27,8 @@ from tmem.server.errors import (
     register_exception,
     to_http_error,
 )
-from tmem.server.protocol import SSE_DONE, ChatCompletionRequest, TeachRequest, sse_event
+from tmem.server.protocol import SSE_DONE, ChatCompletionRequest, sse_event
+from tmem.server.session_protocol import TeachRequest
 
 SECRET = "db-password=hunter2 at /srv/tmem/store.py"
 HI = [{"role": "user", "content": "hi"}]

@@ -21,15 +21,11 @@ from tmem.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    DeleteResponse,
-    FlushRequest,
     ModelCard,
     ModelList,
-    QAPairIn,
-    SessionMessagesRequest,
-    TeachRequest,
     sse_event,
 )
+from tmem.server.session_protocol import DeleteResponse, FlushRequest, QAPairIn, SessionMessagesRequest, TeachRequest
 
 HI = [{"role": "user", "content": "hi"}]
 
