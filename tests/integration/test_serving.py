@@ -264,18 +264,28 @@ def test_delete_while_a_request_uses_the_adapter_keeps_the_engine_alive(server, 
     body = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 400,
             "temperature": 0, "stream": True}
     streamed: list[bytes] = []
+    served_version: list[str] = []
+    generating = threading.Event()
 
     def stream() -> None:
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
                           headers={"X-Session-ID": sid}, timeout=120) as response:
-            streamed.extend(response.iter_bytes())
+            served_version.append(response.headers["X-TMEM-Adapter-Version"])
+            for chunk in response.iter_bytes():
+                streamed.append(chunk)
+                generating.set()
+        generating.set()
 
     reader = threading.Thread(target=stream)
     reader.start()
-    time.sleep(0.3)
+    # Deleted only once tokens flow: a delete that won the race to the handler would test a fresh session.
+    assert generating.wait(timeout=120)
     assert httpx.delete(f"{server.url}/v1/sessions/{sid}").status_code == 200
     reader.join(timeout=120)
+    assert served_version == ["1"]  # the request was served with the session's adapter
     assert b"data: [DONE]" in b"".join(streamed)  # the in-flight request finished with its adapter
+    # Its turn was not stored: a reply that ends after the delete does not bring the session back.
+    assert httpx.get(f"{server.url}/v1/sessions/{sid}").status_code == 404
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
     assert greedy(server.url, "still alive?") == base_reply  # the base model serves as before, unharmed
 
