@@ -48,7 +48,7 @@ SESSION_CONCURRENCIES = (1, 4, 8)  # sessions chatting at once, for the update l
 STAGES = ("queued", "extract", "summary", "train_wait", "train")
 PROBE_PROMPT = "Name three colours."
 SYSTEM = "You are a helpful assistant."  # sent to both servers so their prompts are built alike
-ENGINE_FLAGS = ["--dtype", "float32", "--gpu-memory-utilization", "0.08", "--max-model-len", "2048"]
+ENGINE_FLAGS = ["--dtype", "float32", "--gpu-memory-utilization", "0.25", "--max-model-len", "2048"]
 PLOT_FILE = "serving_bench.png"
 
 

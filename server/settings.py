@@ -52,7 +52,7 @@ WORKER_FIELDS = frozenset({
     "batch_size", "train_seed", "max_train_seq_len",
     "update_group_size", "worker_threads", "worker_pipeline", "prefix_cache_mb", "worker_idle_threads",
     "supervision", "summary_mode", "extraction_max_pairs", "extraction_question_chars", "extraction_answer_chars",
-    "extraction_max_tokens", "extraction_known_pairs", "extraction_chunk_tokens",
+    "extraction_max_tokens", "extraction_known_pairs", "extraction_chunk_tokens", "extraction_adapter",
     "max_memories", "replay_memories", "summary_max_tokens", "summary_max_facts",
     "job_reclaim_idle_ms", "job_lock_ttl_ms", "max_job_attempts", "tenant_updates_per_minute", "job_stream_maxlen",
     "job_stale_after_s", "max_checkpoints", "max_session_messages", "max_session_bytes", "idempotency_ttl_s",
@@ -130,6 +130,11 @@ class Settings(BaseSettings):
     extraction_known_pairs: int = Field(8, ge=0, description="earlier pairs shown in the extraction prompt")
     extraction_chunk_tokens: int = Field(
         160, ge=16, description="longest extraction chunk; a chunk is one exchange, longer ones are split")
+    # The paper extracts with the session's own adapter. On SmolLM2-135M the adapter drifts the JSON replies
+    # longer update after update; the base model writes them at a steady length (one session: extraction
+    # p50 4.3 -> 1.3 s, update lag p95 8.7 -> 4.5 s, same machine, docs/update_lag.md).
+    extraction_adapter: Literal["session", "base"] = Field(
+        "base", description="extract pairs with the base model, or with the session's adapter (the paper's)")
     max_memories: int = Field(512, ge=1, description="learned pairs kept per session (newest)")
     replay_memories: int = Field(16, ge=0, description="earlier memories rehearsed in each update (newest first)")
     summary_max_tokens: int = 160

@@ -1,6 +1,6 @@
 """Everything an update needs before training: the session's new text in small chunks, QA pairs extracted
-from each chunk through the session's own adapter and filtered, the supervision built from them (raw
-text where a chunk yields none), the refreshed summary, and the B to start from.
+from each chunk (by the session's own adapter, or the base model) and filtered, the supervision built
+from them (raw text where a chunk yields none), the refreshed summary, and the B to start from.
 
 Nothing is learned silently or not at all: every update reports what it extracted, kept and fell back
 to (`UpdateReport`, shown as the session's `last_update`).
@@ -165,8 +165,8 @@ class UpdatePreparer:
             return True, []
         messages = build_extraction_messages(text, known, max_known=self.settings.extraction_known_pairs)
         max_tokens = self.settings.extraction_max_tokens or self.format.token_budget()
-        raw = await self.generator.generate(job.tenant, job.sid, snap.version, messages, max_tokens,
-                                            self.format.schema())
+        version = snap.version if self.settings.extraction_adapter == "session" else None
+        raw = await self.generator.generate(job.tenant, job.sid, version, messages, max_tokens, self.format.schema())
         parsed = parse_pairs(raw)
         if not parsed.ok:
             METRICS.extraction_failures.inc()

@@ -28,15 +28,17 @@ class HttpGenerator:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(base_url=api_url.rstrip("/"), headers=headers, timeout=timeout_s)
 
-    async def generate(self, tenant: str, sid: str, version: int, messages: list[dict[str, str]],
+    async def generate(self, tenant: str, sid: str, version: int | None, messages: list[dict[str, str]],
                        max_tokens: int, json_schema: dict[str, Any] | None = None) -> str:
-        del version  # the replica serves the session's live version
+        # The replica serves the session's live version; without the session header, the base model.
         body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
         if json_schema is not None:
             schema = {"name": "qa_pairs", "schema": json_schema}
             body["response_format"] = {"type": "json_schema", "json_schema": schema}
         # With keys configured, --api-key is a service key (`*=<key>`) acting for the session's tenant.
-        headers = {"X-Session-ID": sid, "X-TMEM-Record": "false", "X-TMEM-Tenant": tenant}
+        headers = {"X-TMEM-Record": "false", "X-TMEM-Tenant": tenant}
+        if version is not None:
+            headers["X-Session-ID"] = sid
         response = await self.client.post("/v1/chat/completions", json=body, headers=headers)
         if response.status_code == 400 and json_schema is not None:
             # A replica whose engine lacks structured output: the tolerant parser copes with free text.
