@@ -22,21 +22,27 @@ from typing import Any
 
 import torch
 
+from tmem.adapters.anchors import ANCHOR_PROMPTS
 from tmem.adapters.supervision import ContextPair, render_chat_ids
 from tmem.adapters.trainer import TrainerConfig
 from tmem.bench.harness import bench_parser, pyplot, save_figure
 from tmem.bench.recall_data import FACTS, GENERAL_PROMPTS, first_words, recalled
 
 ADAM = {"optimizer": "adam", "lr": 1e-3, "epochs": 12, "batch_size": 16, "max_grad_norm": 1.0, "target_loss": 0.2}
-# name → (trainer settings, successive updates?, memories rehearsed per update)
-CONFIGS: dict[str, tuple[dict[str, Any], bool, int]] = {
-    "paper": ({}, False, 0),
-    "adam": (ADAM, False, 0),
-    "adam+anchors8": ({**ADAM, "anchors": 8}, False, 0),
-    "adam+anchors16": ({**ADAM, "anchors": 16}, False, 0),
-    "x10 adam+anchors8": ({**ADAM, "anchors": 8}, True, 0),
-    "x10 adam+anchors8+replay16": ({**ADAM, "anchors": 8}, True, 16),
-    "x10 adam+replay16": (ADAM, True, 16),
+DOWN = {"target_modules": ("down_proj",)}
+# name → (trainer settings, successive updates?, memories rehearsed per update, fast-weight spec changes)
+CONFIGS: dict[str, tuple[dict[str, Any], bool, int, dict[str, Any]]] = {
+    "paper": ({}, False, 0, {}),
+    "adam": (ADAM, False, 0, {}),
+    "adam+anchors8": ({**ADAM, "anchors": 8}, False, 0, {}),
+    "adam+anchors16": ({**ADAM, "anchors": 16}, False, 0, {}),
+    "adam+anchors48": ({**ADAM, "anchors": 48}, False, 0, {}),
+    "adam+anchors48 down": ({**ADAM, "anchors": 48}, False, 0, DOWN),
+    "adam+anchors48 last2": ({**ADAM, "anchors": 48}, False, 0, {"last_layers": 2}),
+    "x10 adam+anchors8": ({**ADAM, "anchors": 8}, True, 0, {}),
+    "x10 adam+anchors8+replay16": ({**ADAM, "anchors": 8}, True, 16, {}),
+    "x10 adam+anchors48+replay16": ({**ADAM, "anchors": 48}, True, 16, {}),
+    "x10 adam+replay16": (ADAM, True, 16, {}),
 }
 
 
@@ -53,10 +59,24 @@ class Lab:
 
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
         self.model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.cache = cache
         self.fast = FastWeightModel(self.model, FastWeightSpec(), a0_cache_dir=cache)
+        self._fast_by_spec = {self.fast.spec: self.fast}
         identity = model_identity(self.model, self.fast.targets, self.fast.spec)
-        self.anchors = load_or_make_anchors(self.model, self.tokenizer, identity, cache, 16)
+        # The base model's answers do not depend on the spec: one set, as many as there are prompts.
+        self.anchors = load_or_make_anchors(self.model, self.tokenizer, identity, cache, len(ANCHOR_PROMPTS))
         self.base = self.ask(GENERAL_PROMPTS, None)
+
+    def fast_for(self, changes: dict[str, Any]) -> Any:
+        """The fast weights of the default spec with `changes` (hooks stay idle unless a B is in use)."""
+        from tmem.adapters.fast_weights import FastWeightModel
+        from tmem.adapters.spec import FastWeightSpec
+
+        spec = FastWeightSpec(**changes)
+        if spec not in self._fast_by_spec:
+            self._fast_by_spec[spec] = FastWeightModel(self.model, spec, a0_cache_dir=self.cache)
+        self.fast = self._fast_by_spec[spec]
+        return self.fast
 
     def ask(self, prompts: Sequence[str], b: Any, max_new_tokens: int = 16) -> list[str]:
         replies = []
@@ -68,10 +88,11 @@ class Lab:
                 replies.append(str(self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
         return replies
 
-    def run(self, name: str, settings: dict[str, Any], successive: bool, replay: int) -> dict[str, Any]:
+    def run(self, name: str, settings: dict[str, Any], successive: bool, replay: int,
+            spec: dict[str, Any]) -> dict[str, Any]:
         from tmem.adapters.batched import BatchedTrainer
 
-        trainer = BatchedTrainer(self.fast, self.tokenizer, TrainerConfig(**settings), anchors=self.anchors)
+        trainer = BatchedTrainer(self.fast_for(spec), self.tokenizer, TrainerConfig(**settings), anchors=self.anchors)
         pairs = [ContextPair(f.question, f.answer) for f in FACTS]
         updates = [(pairs[max(0, i - replay):i] if replay else [], pairs[i:i + 2]) for i in range(0, 20, 2)] \
             if successive else [([], pairs)]
@@ -86,7 +107,7 @@ class Lab:
                 "recall": sum(map(recalled, answers, FACTS)) / len(FACTS),
                 "retention": sum(first_words(a) == first_words(c) for a, c in zip(general, self.base,
                                                                                   strict=True)) / len(general),
-                "france": general[0], "example": answers[0]}
+                "france": general[0], "example": answers[0], "general_replies": general, "base_replies": self.base}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
