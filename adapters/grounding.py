@@ -3,7 +3,7 @@
 A weak model's extraction reply parses (structured output sees to that) but can still be wrong: it
 copies the worked example, writes placeholder text, or answers from outside knowledge. Training on
 such a pair teaches the session a falsehood, so every pair passes `filter_pairs` first: an answer's
-content words must all appear in the text it was extracted from.
+content words must all appear in what the text says, not only in its speaker labels.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ _STOPWORDS = frozenset(
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 # Text of the prompts themselves: a pair holding it was copied from the instructions, not the conversation.
 _PLACEHOLDERS = ("<question>", "<answer>", "instruction", "output", "json", "<<<", ">>>")
+# The labels that open a transcript line ("user: ", "user: Caroline: "): one to four words and a colon.
+_LINE_LABELS = re.compile(r"^(?:[ \t]*[^\W\d_][\w'.-]*(?:[ \t]+[\w'.-]+){0,3}:[ \t]+)+", re.MULTILINE)
 
 
 @dataclass
@@ -62,6 +64,17 @@ def grounded(answer: str, source: str) -> bool:
         return False
     available = _stems(source)
     return all(_stem(w) in available for w in words)
+
+
+def spoken(source: str) -> str:
+    """`source` without its line labels: what the speakers said, not who said it.
+
+    Every chunk of a transcript names its speakers ("user: Caroline: I went ..."), so an answer that is
+    only a speaker's name is "in the text" of every chunk. Measured on LoCoMo with SmolLM2-135M, the
+    model answered "Caroline" to most questions it extracted ("What's my job?", "What's my dream?"), the
+    filter kept them, rehearsal replayed them, and the adapter answered "caroline" to 17 of 20 questions.
+    """
+    return _LINE_LABELS.sub("", source)
 
 
 def on_topic(question: str, source: str) -> bool:
@@ -107,8 +120,8 @@ def _rejection(pair: QAPair, source: str, seen: set[tuple[str, str]], copied: se
     answer = _stems(pair.output)
     if answer and answer <= _stems(pair.instruction):
         return "answer repeats the question"
-    if not grounded(pair.output, source):
-        return "answer not in the text"
+    if not grounded(pair.output, spoken(source)):
+        return "only a speaker's name" if grounded(pair.output, source) else "answer not in the text"
     if not on_topic(pair.instruction, source):
         return "question not about the text"
     return None

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tmem.adapters.extraction import QAPair
-from tmem.adapters.grounding import filter_pairs, grounded
+from tmem.adapters.grounding import filter_pairs, grounded, spoken
 from tmem.adapters.memory_prompts import (
     EXAMPLE_PAIRS,
     ExtractionFormat,
@@ -136,6 +136,18 @@ def test_filter_drops_a_known_pair_but_keeps_a_new_answer_to_a_known_question() 
     report = filter_pairs(pairs, SOURCE, known=known)
     assert [p.output for p in report.kept] == ["Ingrid"]
     assert [reason for _, reason in report.dropped] == ["duplicate"]
+
+
+def test_an_answer_found_only_in_a_speaker_label_is_not_grounded() -> None:
+    source = "user: Caroline: I went to a support group with Ann.\nassistant: Melanie: That sounds brave!"
+    pairs = [QAPair(instruction="What's my job?", output="Caroline"),
+             QAPair(instruction="Who went to the support group?", output="Melanie"),
+             QAPair(instruction="Which group did I go to?", output="a support group"),
+             QAPair(instruction="Who went with me to the group?", output="Ann")]  # a name that was said: kept
+    report = filter_pairs(pairs, source)
+    assert [p.output for p in report.kept] == ["a support group", "Ann"]
+    assert [reason for _, reason in report.dropped] == ["only a speaker's name"] * 2
+    assert spoken("user: Ann: It is 10:30 now.\n  Bob Smith: yes") == "It is 10:30 now.\nyes"
 
 
 def test_grounded_needs_every_content_word() -> None:
