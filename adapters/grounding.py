@@ -67,14 +67,22 @@ def grounded(answer: str, source: str) -> bool:
 
 
 def spoken(source: str) -> str:
-    """`source` without its line labels: what the speakers said, not who said it.
-
-    Every chunk of a transcript names its speakers ("user: Caroline: I went ..."), so an answer that is
-    only a speaker's name is "in the text" of every chunk. Measured on LoCoMo with SmolLM2-135M, the
-    model answered "Caroline" to most questions it extracted ("What's my job?", "What's my dream?"), the
-    filter kept them, rehearsal replayed them, and the adapter answered "caroline" to 17 of 20 questions.
-    """
+    """`source` without its line labels: what the speakers said, not who said it."""
     return _LINE_LABELS.sub("", source)
+
+
+def only_speakers(answer: str, source: str) -> bool:
+    """True when every content word of `answer` (at least one) is in a line label of `source`: a speaker.
+
+    Every chunk of a transcript names its speakers ("user: Caroline: I went ..."), and they name each
+    other in what they say ("Hey Caroline!"), so a speaker's name is "in the text" of every chunk. On
+    LoCoMo, SmolLM2-135M answered "Caroline" to most questions it extracted ("What's my job?", "What's my
+    dream?"), the filter kept them, rehearsal replayed them, and the adapter began 20 of 20 answers with
+    the speaker's name. A speaker's name alone is never learned; "a counselor" still is.
+    """
+    labels = {_stem(w) for label in _LINE_LABELS.findall(source) for w in content_words(label)}
+    answer_stems = _stems(answer)
+    return bool(answer_stems) and answer_stems <= labels
 
 
 def on_topic(question: str, source: str) -> bool:
@@ -120,8 +128,10 @@ def _rejection(pair: QAPair, source: str, seen: set[tuple[str, str]], copied: se
     answer = _stems(pair.output)
     if answer and answer <= _stems(pair.instruction):
         return "answer repeats the question"
+    if only_speakers(pair.output, source):
+        return "only a speaker's name"
     if not grounded(pair.output, spoken(source)):
-        return "only a speaker's name" if grounded(pair.output, source) else "answer not in the text"
+        return "answer not in the text"
     if not on_topic(pair.instruction, source):
         return "question not about the text"
     return None

@@ -139,7 +139,7 @@ def test_filter_drops_a_known_pair_but_keeps_a_new_answer_to_a_known_question() 
 
 
 def test_an_answer_found_only_in_a_speaker_label_is_not_grounded() -> None:
-    source = "user: Caroline: I went to a support group with Ann.\nassistant: Melanie: That sounds brave!"
+    source = "user: Caroline: I went to a support group with Ann.\nassistant: Melanie: That sounds brave, Caroline!"
     pairs = [QAPair(instruction="What's my job?", output="Caroline"),
              QAPair(instruction="Who went to the support group?", output="Melanie"),
              QAPair(instruction="Which group did I go to?", output="a support group"),
