@@ -23,8 +23,8 @@ _STOPWORDS = frozenset(
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 # Text of the prompts themselves: a pair holding it was copied from the instructions, not the conversation.
 _PLACEHOLDERS = ("<question>", "<answer>", "instruction", "output", "json", "<<<", ">>>")
-# The labels that open a transcript line ("user: ", "user: Caroline: "): one to four words and a colon.
-_LINE_LABELS = re.compile(r"^(?:[ \t]*[^\W\d_][\w'.-]*(?:[ \t]+[\w'.-]+){0,3}:[ \t]+)+", re.MULTILINE)
+# One label candidate at the start of a transcript line: one to four words and a colon ("Bob Smith: ").
+_LABEL = re.compile(r"[ \t]*([^\W\d_][\w'.-]*(?:[ \t]+[\w'.-]+){0,3}):[ \t]+")
 
 
 @dataclass
@@ -66,9 +66,27 @@ def grounded(answer: str, source: str) -> bool:
     return all(_stem(w) in available for w in words)
 
 
+def _is_label(words: Sequence[str], first: bool) -> bool:
+    """A role ("user", one word, first on the line) or a speaker's name (every word capitalized).
+
+    "user: I moved to Lisbon: it is sunny" keeps "I moved to Lisbon" as speech: a label is a name.
+    """
+    return (first and len(words) == 1) or all(w[0].isupper() for w in words)
+
+
+def _split_line(line: str) -> tuple[list[str], str]:
+    """The labels that open `line` ("user: Caroline: ..." → ["user", "Caroline"]) and what follows them."""
+    labels: list[str] = []
+    rest = line
+    while (match := _LABEL.match(rest)) and _is_label(match.group(1).split(), first=not labels):
+        labels.append(match.group(1))
+        rest = rest[match.end():]
+    return labels, rest
+
+
 def spoken(source: str) -> str:
     """`source` without its line labels: what the speakers said, not who said it."""
-    return _LINE_LABELS.sub("", source)
+    return "\n".join(_split_line(line)[1] for line in source.split("\n"))
 
 
 def only_speakers(answer: str, source: str) -> bool:
@@ -80,7 +98,7 @@ def only_speakers(answer: str, source: str) -> bool:
     dream?"), the filter kept them, rehearsal replayed them, and the adapter began 20 of 20 answers with
     the speaker's name. A speaker's name alone is never learned; "a counselor" still is.
     """
-    labels = {_stem(w) for label in _LINE_LABELS.findall(source) for w in content_words(label)}
+    labels = {_stem(w) for line in source.split("\n") for label in _split_line(line)[0] for w in content_words(label)}
     answer_stems = _stems(answer)
     return bool(answer_stems) and answer_stems <= labels
 

@@ -150,6 +150,14 @@ def test_an_answer_found_only_in_a_speaker_label_is_not_grounded() -> None:
     assert spoken("user: Ann: It is 10:30 now.\n  Bob Smith: yes") == "It is 10:30 now.\nyes"
 
 
+def test_a_colon_in_what_was_said_is_not_a_speaker_label() -> None:
+    source = "user: I moved to Lisbon: it is sunny.\nuser: Note to self: buy milk"
+    assert spoken(source) == "I moved to Lisbon: it is sunny.\nNote to self: buy milk"
+    pairs = [QAPair(instruction="Where did I move to?", output="Lisbon"),
+             QAPair(instruction="What should I buy?", output="milk")]
+    assert [p.output for p in filter_pairs(pairs, source).kept] == ["Lisbon", "milk"]
+
+
 def test_grounded_needs_every_content_word() -> None:
     assert grounded("Miso the cat", SOURCE)
     assert not grounded("Miso the dog", SOURCE)
