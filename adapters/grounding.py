@@ -9,6 +9,7 @@ content words must all appear in what the text says, not only in its speaker lab
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -118,18 +119,34 @@ def pair_key(pair: QAPair) -> tuple[str, str]:
     return normalize_question(pair.instruction), normalize_question(pair.output)
 
 
+# How many of a session's questions may share one answer. On LoCoMo, SmolLM2-135M gave "family" to
+# question after question ("What's important to me?", "What keeps me going?"), each grounded in its
+# chunk; rehearsal replayed them and the adapter answered "family" to 19 of 20 questions. Two still lets
+# one place be where I live and where I was born.
+MAX_QUESTIONS_PER_ANSWER = 2
+
+
+def answer_key(pair: QAPair) -> frozenset[str]:
+    """The answer's identity across phrasings: its content-word stems ("Family." = "my family")."""
+    return frozenset(_stems(pair.output))
+
+
 def filter_pairs(pairs: Iterable[QAPair], source: str, *, known: Sequence[QAPair] = (),
                  examples: Sequence[QAPair] = ()) -> FilterReport:
     """Keep the pairs that are grounded in `source`, not copied from the prompt, and not repeats."""
     report = FilterReport()
     seen = {pair_key(p) for p in known}
     copied = {pair_key(p) for p in examples}
+    answers = Counter(answer_key(p) for p in known)
     for pair in pairs:
         reason = _rejection(pair, source, seen, copied)
+        if reason is None and answers[answer_key(pair)] >= MAX_QUESTIONS_PER_ANSWER:
+            reason = f"answer already learned for {MAX_QUESTIONS_PER_ANSWER} questions"
         if reason:
             report.dropped.append((pair, reason))
             continue
         seen.add(pair_key(pair))
+        answers[answer_key(pair)] += 1
         report.kept.append(pair)
     return report
 

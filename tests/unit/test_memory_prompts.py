@@ -138,6 +138,17 @@ def test_filter_drops_a_known_pair_but_keeps_a_new_answer_to_a_known_question() 
     assert [reason for _, reason in report.dropped] == ["duplicate"]
 
 
+def test_one_answer_is_learned_for_at_most_two_questions() -> None:
+    source = "user: My family keeps me going, family is what matters, I love my family."
+    known = [QAPair(instruction="What keeps me going?", output="my family")]
+    pairs = [QAPair(instruction="What matters to me?", output="Family."),
+             QAPair(instruction="What do I love?", output="family"),
+             QAPair(instruction="Who do I love?", output="my family")]
+    report = filter_pairs(pairs, source, known=known)
+    assert [p.instruction for p in report.kept] == ["What matters to me?"]
+    assert [reason for _, reason in report.dropped] == ["answer already learned for 2 questions"] * 2
+
+
 def test_an_answer_found_only_in_a_speaker_label_is_not_grounded() -> None:
     source = "user: Caroline: I went to a support group with Ann.\nassistant: Melanie: That sounds brave, Caroline!"
     pairs = [QAPair(instruction="What's my job?", output="Caroline"),
