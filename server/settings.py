@@ -111,7 +111,9 @@ class Settings(BaseSettings):
 
     # Worker
     worker: Literal["inline", "off"] = Field("inline", description="run the update worker inside `serve`")
-    update_group_size: int = Field(16, ge=1, description="pending sessions trained together in one pass")
+    # 4, not 16: with 8 sessions chatting on the real model (2 cores), one pass of 8 took 24 s and every
+    # session waited for all of it; two passes of 4 took 7 s each (update lag p95 45 -> 32 s, docs/update_lag.md).
+    update_group_size: int = Field(4, ge=1, description="pending sessions trained together in one pass")
     worker_threads: int = Field(1, ge=1, description="torch threads the trainer uses while the engine serves")
     worker_pipeline: int = Field(
         2, ge=1, description="groups in flight: the next group's extraction runs while the previous one trains")
