@@ -85,23 +85,36 @@ def _split_line(line: str) -> tuple[list[str], str]:
     return labels, rest
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    """A source text split once into what was said and who said it (the stems of its line labels)."""
+
+    text: str
+    said: str
+    speakers: frozenset[str]
+
+    @classmethod
+    def read(cls, source: str) -> _Chunk:
+        lines = [_split_line(line) for line in source.split("\n")]
+        speakers = frozenset(_stem(w) for labels, _ in lines for label in labels for w in content_words(label))
+        return cls(source, "\n".join(rest for _, rest in lines), speakers)
+
+    def only_speakers(self, answer: str) -> bool:
+        """True when every content word of `answer` (at least one) is a speaker's name.
+
+        Every chunk of a transcript names its speakers ("user: Caroline: I went ..."), and they name each
+        other in what they say ("Hey Caroline!"), so a speaker's name is "in the text" of every chunk. On
+        LoCoMo, SmolLM2-135M answered "Caroline" to most questions it extracted ("What's my job?", "What's
+        my dream?"), the filter kept them, rehearsal replayed them, and the adapter began 20 of 20 answers
+        with the speaker's name. A speaker's name alone is never learned; "a counselor" still is.
+        """
+        answer_stems = _stems(answer)
+        return bool(answer_stems) and answer_stems <= self.speakers
+
+
 def spoken(source: str) -> str:
     """`source` without its line labels: what the speakers said, not who said it."""
-    return "\n".join(_split_line(line)[1] for line in source.split("\n"))
-
-
-def only_speakers(answer: str, source: str) -> bool:
-    """True when every content word of `answer` (at least one) is in a line label of `source`: a speaker.
-
-    Every chunk of a transcript names its speakers ("user: Caroline: I went ..."), and they name each
-    other in what they say ("Hey Caroline!"), so a speaker's name is "in the text" of every chunk. On
-    LoCoMo, SmolLM2-135M answered "Caroline" to most questions it extracted ("What's my job?", "What's my
-    dream?"), the filter kept them, rehearsal replayed them, and the adapter began 20 of 20 answers with
-    the speaker's name. A speaker's name alone is never learned; "a counselor" still is.
-    """
-    labels = {_stem(w) for line in source.split("\n") for label in _split_line(line)[0] for w in content_words(label)}
-    answer_stems = _stems(answer)
-    return bool(answer_stems) and answer_stems <= labels
+    return _Chunk.read(source).said
 
 
 def on_topic(question: str, source: str) -> bool:
@@ -135,13 +148,12 @@ def filter_pairs(pairs: Iterable[QAPair], source: str, *, known: Sequence[QAPair
                  examples: Sequence[QAPair] = ()) -> FilterReport:
     """Keep the pairs that are grounded in `source`, not copied from the prompt, and not repeats."""
     report = FilterReport()
+    chunk = _Chunk.read(source)
     seen = {pair_key(p) for p in known}
     copied = {pair_key(p) for p in examples}
     answers = Counter(answer_key(p) for p in known)
     for pair in pairs:
-        reason = _rejection(pair, source, seen, copied)
-        if reason is None and answers[answer_key(pair)] >= MAX_QUESTIONS_PER_ANSWER:
-            reason = f"answer already learned for {MAX_QUESTIONS_PER_ANSWER} questions"
+        reason = _rejection(pair, chunk, seen, copied, answers)
         if reason:
             report.dropped.append((pair, reason))
             continue
@@ -151,7 +163,8 @@ def filter_pairs(pairs: Iterable[QAPair], source: str, *, known: Sequence[QAPair
     return report
 
 
-def _rejection(pair: QAPair, source: str, seen: set[tuple[str, str]], copied: set[tuple[str, str]]) -> str | None:
+def _rejection(pair: QAPair, chunk: _Chunk, seen: set[tuple[str, str]], copied: set[tuple[str, str]],
+               answers: Counter[frozenset[str]]) -> str | None:
     key = pair_key(pair)
     if key in copied:
         return "copies the worked example"
@@ -163,10 +176,12 @@ def _rejection(pair: QAPair, source: str, seen: set[tuple[str, str]], copied: se
     answer = _stems(pair.output)
     if answer and answer <= _stems(pair.instruction):
         return "answer repeats the question"
-    if only_speakers(pair.output, source):
+    if chunk.only_speakers(pair.output):
         return "only a speaker's name"
-    if not grounded(pair.output, spoken(source)):
+    if not grounded(pair.output, chunk.said):
         return "answer not in the text"
-    if not on_topic(pair.instruction, source):
+    if not on_topic(pair.instruction, chunk.text):
         return "question not about the text"
+    if answers[answer_key(pair)] >= MAX_QUESTIONS_PER_ANSWER:
+        return f"answer already learned for {MAX_QUESTIONS_PER_ANSWER} questions"
     return None
